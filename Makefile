@@ -1,0 +1,50 @@
+# The two commands a fresh clone needs: `make demo` and `make test`. Each creates .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+IMAGE ?= mlmjob:latest
+
+.PHONY: setup demo test lint format bench bench-gpu image k8s-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/mlmjob preprocess -c configs/demo.yaml
+	$(BIN)/mlmjob train -c configs/demo.yaml
+	$(BIN)/mlmjob infer -c configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(PY) bench/run.py
+
+bench-gpu: setup
+	$(PY) bench/gpu.py
+
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+k8s-check: setup
+	$(PY) -m pytest -q tests/test_k8s.py
+
+clean:
+	rm -rf out .pytest_cache

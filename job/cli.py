@@ -1,0 +1,87 @@
+"""`mlmjob` command line: parse arguments, call one function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from job.errors import EXIT_BAD_INPUT, BadInput, StorageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlmjob", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in [
+        ("validate", "print the resolved config"),
+        ("preprocess", "ELI5 -> sharded block dataset"),
+        ("train", "train on the block dataset"),
+        ("infer", "batch fill-mask over text files"),
+    ]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("-c", "--config", required=True, help="YAML config file")
+        s.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a config key (value parsed as YAML); repeatable",
+        )
+        if name in ("preprocess", "infer"):
+            s.add_argument("--worker-index", type=int, default=None)
+            s.add_argument("--num-workers", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from job.log import setup_logging
+
+    setup_logging()
+    try:
+        return _run(args)
+    except (BadInput, StorageError) as e:
+        print(f"mlmjob: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args) -> int:
+    from job import storage
+    from job.config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    if args.command == "validate":
+        print(dump_yaml(cfg), end="")
+        return 0
+    worker = _worker(args)
+    if args.command == "preprocess":
+        from job.data.preprocess import preprocess
+
+        preprocess(cfg, *worker)
+        return 0
+    if args.command == "train":
+        from job.train.loop import train
+
+        return train(cfg)
+    from job.infer import infer
+
+    infer(cfg, *worker)
+    return 0
+
+
+def _worker(args) -> tuple[int, int]:
+    """Worker index and count: flags, else the Indexed Job's environment, else 0 of 1."""
+    import os
+
+    index = getattr(args, "worker_index", None)
+    count = getattr(args, "num_workers", None)
+    if index is None:
+        index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    if count is None:
+        count = int(os.environ.get("MLMJOB_NUM_WORKERS", "1"))
+    return index, count
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Block shards (.npy, readable by `numpy.load` alone) and the manifest that commits them.
+
+Layout under `{data.output}/{dataset_id}/`:
+    train/shard-00000.npy ...   uint16/uint32 arrays of shape [blocks, block_size]
+    test/shard-00000.npy ...
+    manifest.json               written last: its presence means the dataset is complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from job import storage
+from job.errors import BadInput
+
+MANIFEST = "manifest.json"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_split(root: str, split: str, blocks: np.ndarray, shard_blocks: int, progress=None):
+    """Write one split's blocks as shards; return the manifest's shard entries."""
+    shards = []
+    for k, start in enumerate(range(0, len(blocks), shard_blocks)):
+        part = blocks[start : start + shard_blocks]
+        data = npy_bytes(part)
+        rel = f"{split}/shard-{k:05d}.npy"
+        storage.write_bytes(storage.join(root, rel), data)
+        shards.append(
+            {"path": rel, "blocks": len(part), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        if progress is not None:
+            progress.update(len(part))
+    return shards
+
+
+@dataclass
+class Manifest:
+    uri: str  # the dataset folder
+    data: dict
+
+    @property
+    def block_size(self) -> int:
+        return self.data["block_size"]
+
+    def shards(self, split: str) -> list[dict]:
+        return self.data["splits"][split]["shards"]
+
+    def blocks(self, split: str) -> int:
+        return self.data["splits"][split]["blocks"]
+
+
+def write_manifest(root: str, manifest: dict) -> None:
+    storage.write_text(storage.join(root, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(root: str) -> Manifest:
+    uri = storage.join(root, MANIFEST)
+    try:
+        data = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise BadInput(f"{uri}: no dataset there; run `mlmjob preprocess` first") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{uri}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return Manifest(root, data)
+
+
+def load_shard(path: str, sha256: str | None = None) -> np.ndarray:
+    """Load a local shard, memory-mapped; verify its checksum when given."""
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != sha256:
+            raise ValueError(f"{path}: checksum mismatch")
+    return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -1,0 +1,32 @@
+"""Logging and progress bars: rank 0 talks, other ranks only warn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+log = logging.getLogger("mlmjob")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging() -> None:
+    level = logging.INFO if rank() == 0 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s mlmjob %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def bar(**kwargs) -> tqdm:
+    """A tqdm bar on rank 0; in a pod's log (no TTY) it redraws every 30 s, not every 0.1 s."""
+    tty = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 0.5 if tty else 30.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(disable=rank() != 0 or os.environ.get("MLMJOB_NO_PROGRESS") == "1", **kwargs)
