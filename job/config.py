@@ -156,7 +156,7 @@ def apply_override(raw: dict, item: str, path: str) -> None:
 
 def from_dict(cls: type, raw: Any, path: str, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
-        raise BadInput(f"{path}: key '{prefix or '<top>'}' must be a mapping")
+        raise BadInput(f"{path}: key '{prefix.rstrip('.') or '<top>'}' must be a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}

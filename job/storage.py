@@ -86,7 +86,8 @@ def client():
             or os.environ.get("AWS_DEFAULT_REGION")
             or "us-east-1"
         )
-        _client = boto3.client(
+        # A fresh session re-reads the credential chain (boto3's default one caches it).
+        _client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
             region_name=region,
@@ -167,9 +168,7 @@ def exists(uri: str) -> bool:
 def size(uri: str) -> int:
     if is_s3(uri):
         loc = split_s3(uri)
-        return _s3_call(uri, client().head_object, Bucket=loc.bucket, Key=loc.key)[
-            "ContentLength"
-        ]
+        return _s3_call(uri, client().head_object, Bucket=loc.bucket, Key=loc.key)["ContentLength"]
     return local_path(uri).stat().st_size
 
 

@@ -21,9 +21,11 @@ def load_tokenizer(name_or_uri: str, cache_dir: str | Path):
     """A fast tokenizer from a hub id, a local folder or an S3 folder; it needs a mask token."""
     from transformers import AutoTokenizer
 
-    local = storage.to_local(name_or_uri, Path(cache_dir) / "tokenizers") if storage.is_s3(
-        name_or_uri
-    ) else name_or_uri
+    local = (
+        storage.to_local(name_or_uri, Path(cache_dir) / "tokenizers")
+        if storage.is_s3(name_or_uri)
+        else name_or_uri
+    )
     try:
         tok = AutoTokenizer.from_pretrained(local)
     except (OSError, ValueError) as e:
@@ -49,9 +51,7 @@ def encode(tok, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarr
     """Token ids (special tokens included, as `tokenizer(texts)`) flat, and per-text lengths."""
     encodings = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=True)
     lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-    ids = np.fromiter(
-        (i for e in encodings for i in e.ids), dtype=dtype, count=int(lengths.sum())
-    )
+    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=dtype, count=int(lengths.sum()))
     return ids, lengths
 
 

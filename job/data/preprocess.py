@@ -165,7 +165,9 @@ def _load_parts(parts: list[str]):
             bad_samples += [str(s) for s in z["bad"]]
         ends = np.cumsum(np.maximum(lengths, 0))
         starts = ends - np.maximum(lengths, 0)
-        records = [ids[s:e] if n >= 0 else None for s, e, n in zip(starts, ends, lengths)]
+        records = [
+            ids[s:e] if n >= 0 else None for s, e, n in zip(starts, ends, lengths, strict=True)
+        ]
         per_part.append([records[i : i + CHUNK] for i in range(0, len(records), CHUNK)])
     ordered = []
     num_workers = len(parts)

@@ -139,15 +139,16 @@ def _iter_json_array(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
 
 def _iter_json_lines(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
     for lineno, line in enumerate(io.BytesIO(data), start=1):
+        line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
         origin = f"{uri}:{lineno}"
         try:
             yield origin, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            yield origin, ValueError(f"invalid UTF-8 at column {e.start + 1}")
+            yield origin, ValueError(f"invalid UTF-8 (column {e.start + 1})")
         except json.JSONDecodeError as e:
-            yield origin, ValueError(f"invalid JSON: {e.msg} at column {e.colno}")
+            yield origin, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
 def _iter_parquet(uri: str) -> Iterator[tuple[str, object]]:
