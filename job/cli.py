@@ -39,10 +39,22 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        return _run(args)
+        code = _run(args)
     except (BadInput, StorageError) as e:
         print(f"mlmjob: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = EXIT_BAD_INPUT
+    _report(code)
+    return code
+
+
+def _report(code: int) -> None:
+    """Under job.launch, leave the exit code where the launcher reads it (torchrun hides it)."""
+    import os
+    from pathlib import Path
+
+    exit_dir = os.environ.get("MLMJOB_EXIT_DIR")
+    if exit_dir:
+        Path(exit_dir, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
 def _run(args) -> int:
@@ -58,7 +70,7 @@ def _run(args) -> int:
     if args.command == "preprocess":
         from job.data.preprocess import preprocess
 
-        preprocess(cfg, *worker)
+        print(preprocess(cfg, *worker))  # the dataset URI, for scripts
         return 0
     if args.command == "train":
         from job.train.loop import train

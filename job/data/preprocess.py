@@ -70,7 +70,6 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
     root = dataset_uri(cfg, tok)
     if storage.exists(storage.join(root, shards.MANIFEST)):
         log.info("dataset is complete, nothing to do: %s", root)
-        print(root)
         return root
     part = _part_uri(root, worker_index, num_workers)
     if storage.exists(part):
@@ -84,7 +83,6 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
         return root
     manifest = finalize(cfg, tok, root, parts)
     _summary(manifest, time.perf_counter() - start, root)
-    print(root)
     return root
 
 

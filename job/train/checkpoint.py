@@ -1,0 +1,143 @@
+"""Checkpoints on any storage, committed atomically, the last K kept.
+
+`{run.output}/checkpoints/step-{N}/` holds what `accelerator.save_state` wrote (model,
+optimizer, every rank's RNG state; with DeepSpeed, every rank's ZeRO partition) plus
+`train_state.json`. Every node stages its ranks' files on local disk and uploads them;
+rank 0 then writes `COMMITTED.json` listing every file with its size and sha256. A
+checkpoint without that marker, or with a file missing or of the wrong size, is skipped
+for the previous one with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from job import storage
+from job.log import log
+
+COMMIT = "COMMITTED.json"
+STATE = "train_state.json"
+_STEP = re.compile(r"/step-(\d+)/")
+
+
+def root(run_output: str) -> str:
+    return storage.join(run_output, "checkpoints")
+
+
+def _steps(run_output: str) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    for uri in storage.list_files(root(run_output)):
+        m = _STEP.search(uri)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(uri)
+    return found
+
+
+def latest(run_output: str) -> tuple[int, str] | None:
+    """The newest complete checkpoint as (step, uri), or None."""
+    for step, files in sorted(_steps(run_output).items(), reverse=True):
+        uri = storage.join(root(run_output), f"step-{step}")
+        marker = storage.join(uri, COMMIT)
+        if marker not in files:
+            log.warning("checkpoint %s was never committed; skipping it", uri)
+            continue
+        problem = _verify_sizes(uri, json.loads(storage.read_text(marker))["files"])
+        if problem:
+            log.warning("checkpoint %s is damaged (%s); skipping it", uri, problem)
+            continue
+        return step, uri
+    return None
+
+
+def _verify_sizes(uri: str, files: dict) -> str | None:
+    for rel, info in files.items():
+        try:
+            actual = storage.size(storage.join(uri, rel))
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if actual != info["size"]:
+            return f"{rel} has {actual} bytes, expected {info['size']}"
+    return None
+
+
+def _describe(local: Path) -> dict:
+    out = {}
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[p.relative_to(local).as_posix()] = {
+                "size": p.stat().st_size,
+                "sha256": h.hexdigest(),
+            }
+    return out
+
+
+def save(accelerator, run_output: str, step: int, state: dict, staging: Path, keep: int) -> str:
+    """Collective: every rank calls it. Returns the committed checkpoint's URI."""
+    from accelerate.utils import gather_object
+
+    uri = storage.join(root(run_output), f"step-{step}")
+    local = staging / f"step-{step}"
+    if accelerator.is_local_main_process:
+        shutil.rmtree(local, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    local.mkdir(parents=True, exist_ok=True)
+    accelerator.save_state(str(local))
+    if accelerator.is_main_process:
+        (local / STATE).write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    files = {}
+    if accelerator.is_local_main_process:
+        files = _describe(local)
+        storage.upload_dir(local, uri)
+        shutil.rmtree(local, ignore_errors=True)
+    merged: dict = {}
+    for part in gather_object([files]):
+        merged.update(part)
+    if accelerator.is_main_process:
+        storage.write_text(storage.join(uri, COMMIT), json.dumps({"step": step, "files": merged}))
+        prune(run_output, keep)
+    accelerator.wait_for_everyone()
+    return uri
+
+
+def prune(run_output: str, keep: int) -> None:
+    """Keep the newest `keep` committed checkpoints; drop older and abandoned ones."""
+    steps = _steps(run_output)
+    committed = sorted(s for s, files in steps.items()
+                       if any(f.endswith("/" + COMMIT) for f in files))  # fmt: skip
+    survivors = set(committed[-keep:]) if keep > 0 else set()
+    newest = committed[-1] if committed else -1
+    for step in steps:
+        if step not in survivors and step <= newest:
+            uri = storage.join(root(run_output), f"step-{step}")
+            storage.delete(storage.join(uri, COMMIT))  # uncommit first, then remove
+            storage.delete_prefix(uri)
+
+
+def load(accelerator, uri: str, staging: Path) -> dict:
+    """Collective: restore every rank from a committed checkpoint; returns train_state."""
+    local = staging / "resume"
+    if accelerator.is_local_main_process:
+        shutil.rmtree(local, ignore_errors=True)
+        files = json.loads(storage.read_text(storage.join(uri, COMMIT)))["files"]
+        for rel in files:
+            storage.download_file(storage.join(uri, rel), local / rel)
+        actual = _describe(local)
+        for rel, info in files.items():
+            if actual[rel]["sha256"] != info["sha256"]:
+                raise RuntimeError(f"{storage.join(uri, rel)}: checksum mismatch after download")
+    accelerator.wait_for_everyone()
+    accelerator.load_state(str(local))
+    state = json.loads((local / STATE).read_text())
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        shutil.rmtree(local, ignore_errors=True)
+    return state

@@ -1,0 +1,69 @@
+"""metrics.jsonl, summary.json and the loss/perplexity PNG (rank 0 only).
+
+The metrics file is rewritten whole (atomically) at each flush, so on S3 it is never
+half-written; on resume, events after the checkpoint's step are dropped because the
+resumed run logs them again, which keeps a resumed run's file equal to an
+uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from job import storage
+
+
+class Metrics:
+    def __init__(self, run_output: str, resume_step: int | None):
+        self.uri = storage.join(run_output, "metrics.jsonl")
+        self.run_output = run_output
+        self.events: list[dict] = []
+        if resume_step is not None:
+            try:
+                lines = storage.read_text(self.uri).splitlines()
+            except FileNotFoundError:
+                lines = []
+            self.events = [e for e in map(json.loads, lines) if e["step"] <= resume_step]
+
+    def log(self, event: dict) -> None:
+        self.events.append(event)
+
+    def flush(self) -> None:
+        text = "".join(json.dumps(e) + "\n" for e in self.events)
+        storage.write_text(self.uri, text)
+
+    def plot(self) -> None:
+        """loss.png: training loss, eval loss and eval perplexity against the step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [e for e in self.events if e["event"] == "train"]
+        evals = [e for e in self.events if e["event"] == "eval"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax1.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
+        ax1.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-",
+                 label="eval loss")  # fmt: skip
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("masked-LM loss")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        ax2.plot([e["step"] for e in evals], [e["perplexity"] for e in evals], "o-", color="C2")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("eval perplexity")
+        ax2.set_yscale("log")
+        ax2.grid(alpha=0.3)
+        fig.suptitle(self.run_output)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        storage.write_bytes(storage.join(self.run_output, "loss.png"), buf.getvalue())
+
+
+def write_summary(run_output: str, summary: dict) -> None:
+    storage.write_text(
+        storage.join(run_output, "summary.json"), json.dumps(summary, indent=2) + "\n"
+    )

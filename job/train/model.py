@@ -1,0 +1,93 @@
+"""The masked LM, and a forward that projects onto the vocabulary only where it must.
+
+RobertaForMaskedLM computes logits for all T positions ([B, T, V]; with V = 50,265 that is
+most of a small model's compute) and then ignores the ~85% whose label is -100. The
+loss only needs the masked rows, so `SparseMLM` gathers them first: same loss, same
+gradients, a fraction of the head's FLOPs and memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from job import storage
+from job.config import ModelConfig
+from job.errors import BadInput
+
+
+def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForMaskedLM, RobertaConfig
+
+    source = storage.to_local(cfg.name_or_path, cache_dir / "models")
+    if not cfg.from_scratch:
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(source, attn_implementation="sdpa")
+        except (OSError, ValueError) as e:
+            raise BadInput(f"model.name_or_path: cannot load '{cfg.name_or_path}': {e}") from None
+        if model.config.vocab_size < len(tok):
+            raise BadInput(
+                f"model.name_or_path: vocabulary {model.config.vocab_size} is smaller than the "
+                f"tokenizer's {len(tok)}"
+            )
+        return model
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):  # a tokenizer folder, say: RoBERTa's defaults
+        config = RobertaConfig()
+    config.vocab_size = len(tok)
+    config.pad_token_id = tok.pad_token_id
+    config.bos_token_id = tok.bos_token_id
+    config.eos_token_id = tok.eos_token_id
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise BadInput(f"model.config_overrides: unknown key '{key}' for {config.model_type}")
+        setattr(config, key, value)
+    if config.max_position_embeddings < block_size + 2:  # RoBERTa offsets positions by 2
+        config.max_position_embeddings = block_size + 2
+    config._attn_implementation = "sdpa"
+    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The encoder and the MLM head, for the architectures whose layout is known."""
+    encoder = getattr(model, model.base_model_prefix, None)
+    head = getattr(model, "lm_head", None) or getattr(model, "cls", None)  # RoBERTa / BERT
+    if encoder is None or head is None:
+        return None
+    return encoder, head
+
+
+class SparseMLM(nn.Module):
+    """Wraps a *ForMaskedLM so DDP/DeepSpeed see one forward that returns the loss sum."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.parts = _parts(model) is not None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns (summed masked-token loss, number of masked tokens)."""
+        selected = labels != -100
+        targets = labels[selected]
+        if self.parts:
+            encoder, head = _parts(self.model)
+            hidden = encoder(input_ids=input_ids).last_hidden_state
+            logits = head(hidden[selected])
+        else:  # unknown layout: the full head, then the same selection
+            logits = self.model(input_ids=input_ids).logits[selected]
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss_sum, selected.sum()
+
+
+def flops_per_token(config, seq_len: int, mask_fraction: float) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per MAC)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    inter = config.intermediate_size
+    encoder = layers * (4 * h * h + 2 * h * inter)  # attention projections + MLP weights
+    attention = layers * 2 * seq_len * h  # QK^T and AV
+    head = (h * h + h * config.vocab_size) * mask_fraction  # only masked rows projected
+    return 6.0 * (encoder + attention + head)
