@@ -70,7 +70,7 @@ def bench_tutorial(records: list[dict]) -> dict:
         return tokenizer([" ".join(x) for x in examples["answers.text"]])
 
     def group_texts(examples):
-        concatenated = {k: sum(examples[k], []) for k in examples.keys()}
+        concatenated = {k: sum(examples[k], []) for k in examples.keys()}  # noqa: SIM118 (verbatim)
         total = len(concatenated[list(examples.keys())[0]])
         if total >= block_size:
             total = (total // block_size) * block_size

@@ -55,6 +55,7 @@ class DataConfig:
     shard_blocks: int = 65536
     max_bad_fraction: float = 0.01
     cache_dir: str | None = None  # node-local cache for shards; default ~/.cache/mlmjob
+    dataset: str | None = None  # train on this dataset folder instead of the derived one
 
 
 @dataclass

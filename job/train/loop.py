@@ -129,7 +129,7 @@ class Trainer:
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        self.manifest = read_manifest(dataset_uri(cfg, self.tok))
+        self.manifest = read_manifest(cfg.data.dataset or dataset_uri(cfg, self.tok))
         if self.manifest.data["tokenizer_sha256"] != tokenizer_sha256(self.tok):
             raise BadInput(
                 f"model.tokenizer: '{cfg.tokenizer}' differs from the dataset's tokenizer "
@@ -230,13 +230,16 @@ class Trainer:
         out = cfg.run.output
         state = {"step": 0, "epoch": 0, "sample": 0, "tokens": 0, "train_seconds": 0.0,
                  "window_loss": 0.0, "window_tokens": 0.0, "last_eval": None}  # fmt: skip
+        state["world_size"] = self.world
         found = checkpoint.latest(out)
         if found:
             log.info("resuming from %s", found[1])
             state.update(checkpoint.load(acc, found[1], self.staging))
-            if state["sample"] % self.global_batch:
-                log.warning("process count changed: continuing at global sample %d of epoch %d",
-                            state["sample"], state["epoch"])  # fmt: skip
+            resumed_world, state["world_size"] = state["world_size"], self.world
+            if resumed_world != self.world:
+                log.warning("process count changed from %d to %d: continuing at global sample "
+                            "%d of epoch %d", resumed_world, self.world, state["sample"],
+                            state["epoch"])  # fmt: skip
         elif acc.is_main_process:
             storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
         metrics = Metrics(out, state["step"] if found else None) if acc.is_main_process else None

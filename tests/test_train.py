@@ -1,0 +1,298 @@
+"""Training end to end through the pod launch script (torchrun; DDP and DeepSpeed on CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ELI5, ROOT, TOKENIZER, mlmjob, write_config
+from safetensors.torch import load_file
+
+from job import storage
+from job.train import checkpoint
+
+TINY = """
+run:
+  output: '{run}'
+  seed: 42
+data:
+  sources: ['{eli5}']
+  output: '{data}'
+  max_records: 300
+model:
+  name_or_path: '{tok}'
+  from_scratch: true
+  config_overrides: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2,
+                     intermediate_size: 128}}
+train:
+  max_steps: 24
+  per_device_batch_size: 4
+  learning_rate: 1.0e-3
+  warmup_steps: 4
+  eval_every_steps: 12
+  checkpoint_every_steps: 6
+  keep_checkpoints: 2
+  log_every_steps: 1
+"""
+TIMING = {"tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    cfg = write_config(
+        out / "c.yaml", TINY.format(run="unused", eli5=ELI5, data=out, tok=TOKENIZER)
+    )
+    mlmjob("preprocess", "-c", cfg, check=True)
+    return out
+
+
+def config(tmp_path: Path, data_dir, run=None, name="c.yaml") -> Path:
+    run = run or tmp_path / "run"
+    return write_config(
+        tmp_path / name, TINY.format(run=run, eli5=ELI5, data=data_dir, tok=TOKENIZER)
+    )
+
+
+def launch_cmd(cfg, *sets):
+    args = [sys.executable, "-m", "job.launch", "train", "-c", str(cfg)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def launch(cfg, *sets, nproc=1, env=None, timeout=600):
+    env = {**os.environ, "MLMJOB_NPROC_PER_NODE": str(nproc), **(env or {})}
+    proc = subprocess.run(launch_cmd(cfg, *sets), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    return proc
+
+
+def start(cfg, *sets, nproc=1):
+    env = {**os.environ, "MLMJOB_NPROC_PER_NODE": str(nproc)}
+    return subprocess.Popen(launch_cmd(cfg, *sets), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def events(run: Path, kind="train"):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def without_timing(evts):
+    return [{k: v for k, v in e.items() if k not in TIMING} for e in evts]
+
+
+def weights(run: Path):
+    return load_file(run / "model" / "model.safetensors")
+
+
+def kill_all(proc):
+    """SIGKILL the launcher, torchrun and every worker at once, as a node loss would."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+
+
+def wait_for(predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """An uninterrupted 1-process run: what every resumed run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = launch(config(tmp, data_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_single_process_outputs(reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    for key in ("perplexity", "eval_loss", "train_tokens", "train_seconds", "tokens_per_second",
+                "world_size", "global_step", "epochs", "dataset_id", "mfu", "gpu_hours"):  # fmt: skip
+        assert key in summary, key
+    assert summary["global_step"] == 24 and summary["world_size"] == 1
+    assert summary["train_tokens"] == 24 * 4 * 128
+    evals = events(reference, "eval")
+    assert [e["step"] for e in evals] == [12, 24]
+    assert summary["perplexity"] == pytest.approx(evals[-1]["perplexity"])
+    assert summary["perplexity"] == pytest.approx(2.718281828 ** summary["eval_loss"])
+    loss = [e["loss"] for e in events(reference)]
+    assert len(loss) == 24 and sum(loss[-4:]) < sum(loss[:4])  # it learns
+    assert (reference / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (reference / "config.yaml").exists()
+    committed = sorted(p.parent.name for p in (reference / "checkpoints").glob("*/COMMITTED.json"))
+    assert committed == ["step-18", "step-24"]  # the last two kept
+
+
+def test_model_works_with_the_fill_mask_pipeline(reference):
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(reference / "model"), top_k=3)
+    out = fill("The Milky Way is a <mask> galaxy.")
+    assert len(out) == 3 and all(o["sequence"].startswith("The Milky Way is a") for o in out)
+
+
+def test_completed_run_is_not_redone(reference, tmp_path):
+    proc = mlmjob("train", "-c", config(tmp_path, reference.parent / "unused"),
+                  "--set", f"run.output={reference}")  # fmt: skip
+    assert proc.returncode == 0 and "run already complete" in proc.stderr
+
+
+def test_two_process_ddp_and_deepspeed_agree(tmp_path, data_dir):
+    no_clip = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
+    ddp = launch(config(tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), no_clip, nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ds = launch(config(tmp_path, data_dir, tmp_path / "ds", "ds.yaml"), no_clip,
+                "train.deepspeed=configs/deepspeed/zero2.json", nproc=2)  # fmt: skip
+    assert ds.returncode == 0, ds.stderr[-3000:]
+    assert "DeepSpeed configs/deepspeed/zero2.json" in ds.stderr
+    for run in ("ddp", "ds"):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["global_step"] == 24
+        assert summary["train_tokens"] == 24 * 8 * 128
+        loss = [e["loss"] for e in events(tmp_path / run)]
+        assert sum(loss[-4:]) < sum(loss[:4])
+    a, b = events(tmp_path / "ddp", "eval"), events(tmp_path / "ds", "eval")
+    assert [e["perplexity"] for e in a] == pytest.approx([e["perplexity"] for e in b], rel=1e-4)
+
+
+def assert_events_close(got: list[dict], want: list[dict]):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for k in w:
+            if isinstance(w[k], float):
+                assert g[k] == pytest.approx(w[k], rel=1e-5), (k, g, w)
+            else:
+                assert g[k] == w[k], (k, g, w)
+
+
+def assert_same_as(run: Path, reference: Path):
+    assert_events_close(without_timing(events(run)), without_timing(events(reference)))
+    assert_events_close(events(run, "eval"), events(reference, "eval"))
+    got, want = weights(run), weights(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, data_dir, reference):
+    cfg = config(tmp_path, data_dir)
+    run = tmp_path / "run"
+    proc = start(cfg)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 8)
+    proc.send_signal(signal.SIGTERM)  # what the kubelet sends the pod's PID 1
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "preempted at step" in err
+    step, _ = checkpoint.latest(str(run))
+    assert 8 <= step < 24
+    assert not (run / "summary.json").exists()
+    again = launch(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {run}/checkpoints/step-{step}" in again.stderr
+    assert_same_as(run, reference)
+
+
+def test_sigkill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, data_dir, reference):
+    cfg = config(tmp_path, data_dir)
+    run = tmp_path / "run"
+    proc = start(cfg)
+    wait_for(lambda: (run / "checkpoints" / "step-6" / "COMMITTED.json").exists())
+    kill_all(proc)
+    assert not (run / "summary.json").exists()
+    again = launch(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    assert_same_as(run, reference)
+
+
+def test_two_processes_resumed_with_one_continue_at_the_same_sample(tmp_path, data_dir):
+    cfg = config(tmp_path, data_dir)
+    run = tmp_path / "run"
+    proc = start(cfg, "train.keep_checkpoints=10", nproc=2)
+    wait_for(lambda: (run / "checkpoints" / "step-6" / "COMMITTED.json").exists())
+    kill_all(proc)
+    for stale in (run / "checkpoints").glob("step-*"):  # resume from exactly step 6
+        if stale.name != "step-6":
+            (stale / "COMMITTED.json").unlink(missing_ok=True)
+    state = json.loads((run / "checkpoints" / "step-6" / "train_state.json").read_text())
+    assert state["sample"] == 6 * 8  # global batch of 2 processes x 4
+    again = launch(cfg, "train.max_steps=10", nproc=1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        "process count changed from 2 to 1: continuing at global sample 48 of epoch 0"
+        in again.stderr
+    )
+    after = [e for e in events(run) if e["step"] > 6]
+    assert [e["samples"] for e in after] == [48 + 4 * k for k in range(1, 5)]
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 1
+
+
+def test_uncommitted_or_truncated_latest_checkpoint_is_skipped(tmp_path, caplog, s3_prefix):
+    for base in (str(tmp_path / "run"), s3_prefix):
+        storage.configure()
+        for step in (6, 12, 18):
+            ckpt = f"{base}/checkpoints/step-{step}"
+            storage.write_bytes(f"{ckpt}/model.safetensors", b"x" * 100)
+            files = {"model.safetensors": {"size": 100, "sha256": "-"}}
+            if step != 18:  # 18 was never committed
+                storage.write_text(
+                    f"{ckpt}/COMMITTED.json", json.dumps({"step": step, "files": files})
+                )
+        assert checkpoint.latest(base) == (12, f"{base}/checkpoints/step-12")
+        assert f"checkpoint {base}/checkpoints/step-18 was never committed" in caplog.text
+        storage.write_bytes(f"{base}/checkpoints/step-12/model.safetensors", b"x" * 50)  # truncated
+        assert checkpoint.latest(base) == (6, f"{base}/checkpoints/step-6")
+        assert "model.safetensors has 50 bytes, expected 100" in caplog.text
+
+
+def test_checkpoints_and_outputs_through_s3(tmp_path, data_dir, s3_prefix):
+    cfg = config(tmp_path, data_dir, run=f"{s3_prefix}/run")
+    missing = launch(cfg, f"data.output={s3_prefix}/data")
+    assert missing.returncode == 2  # no dataset on S3 yet: one clear line, exit 2
+    assert "run `mlmjob preprocess` first" in missing.stderr
+    mlmjob("preprocess", "-c", cfg, "--set", f"data.output={s3_prefix}/data", check=True)
+    proc = start(cfg, f"data.output={s3_prefix}/data", "train.max_steps=12")
+    wait_for(lambda: storage.exists(f"{s3_prefix}/run/checkpoints/step-6/COMMITTED.json"))
+    kill_all(proc)
+    again = launch(cfg, f"data.output={s3_prefix}/data", "train.max_steps=12")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {s3_prefix}/run/checkpoints/step-6" in again.stderr
+    summary = json.loads(storage.read_text(f"{s3_prefix}/run/summary.json"))
+    assert summary["global_step"] == 12
+    for name in ("metrics.jsonl", "loss.png", "config.yaml", "model/model.safetensors",
+                 "model/tokenizer.json", "checkpoints/step-12/COMMITTED.json"):  # fmt: skip
+        assert storage.exists(f"{s3_prefix}/run/{name}"), name
+    storage.download_dir(f"{s3_prefix}/run/model", tmp_path / "model")
+    from transformers import pipeline
+
+    assert len(pipeline("fill-mask", model=str(tmp_path / "model"))("Hello <mask>.")) == 5
+
+
+def test_tokenizer_different_from_the_datasets_is_refused(tmp_path, data_dir):
+    (manifest,) = Path(data_dir).glob("*/manifest.json")
+    proc = mlmjob("train", "-c", config(tmp_path, data_dir),
+                  "--set", f"data.dataset={manifest.parent}",
+                  "--set", f"model.name_or_path={ROOT}/job/sample/tokenizer")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mlmjob: error: model.tokenizer: '{ROOT}/job/sample/tokenizer' differs from the "
+        f"dataset's tokenizer '{TOKENIZER}' ({manifest.parent})"
+    )
