@@ -72,7 +72,9 @@ def test_sparse_loss_equals_the_full_head_loss():
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    loss_sum, count = SparseMLM(model)(inputs, labels)
+    sparse_mlm = SparseMLM(model)
+    assert sparse_mlm.bert  # the last-layer-at-masked-positions path is the one under test
+    loss_sum, count = sparse_mlm(inputs, labels)
     sparse = loss_sum / count
     sparse.backward()
     assert count == (labels != -100).sum()

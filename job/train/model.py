@@ -1,9 +1,11 @@
-"""The masked LM, and a forward that projects onto the vocabulary only where it must.
+"""The masked LM, and a forward that computes only what the loss reads.
 
 RobertaForMaskedLM computes logits for all T positions ([B, T, V]; with V = 50,265 that is
 most of a small model's compute) and then ignores the ~85% whose label is -100. The
 loss only needs the masked rows, so `SparseMLM` gathers them first: same loss, same
-gradients, a fraction of the head's FLOPs and memory.
+gradients, a fraction of the head's FLOPs and memory. For BERT-style encoders it goes
+one step further: the last layer's outputs at unmasked positions feed nothing, so that
+layer attends from the masked positions only (keys and values still cover every token).
 """
 
 from __future__ import annotations
@@ -61,19 +63,62 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return encoder, head
 
 
+def _bert_layers(encoder: nn.Module):
+    """The layer list of a BERT-style encoder (RoBERTa, BERT, XLM-R...), or None."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not layers or getattr(encoder, "embeddings", None) is None:
+        return None
+    last = layers[-1]
+    att = getattr(getattr(last, "attention", None), "self", None)
+    known = all(hasattr(att, a) for a in ("query", "key", "value", "attention_head_size"))
+    if not known or encoder.config.is_decoder or getattr(last, "chunk_size_feed_forward", 0):
+        return None
+    return layers
+
+
+def _last_layer_at(layer: nn.Module, h: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's output at the selected positions only: [n_selected, H], row-major."""
+    att = layer.attention.self
+    b, t, _ = h.shape
+    heads, dim = att.num_attention_heads, att.attention_head_size
+    counts = selected.sum(1)
+    width = int(counts.max())
+    # Per row, the selected positions first and in order; rows padded to the longest.
+    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :width]
+    h_q = h.gather(1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    q = att.query(h_q).view(b, width, heads, dim).transpose(1, 2)
+    k = att.key(h).view(b, t, heads, dim).transpose(1, 2)
+    v = att.value(h).view(b, t, heads, dim).transpose(1, 2)
+    p = att.dropout.p if layer.training else 0.0
+    a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=att.scaling)
+    a = layer.attention.output(a.transpose(1, 2).reshape(b, width, -1), h_q)
+    out = layer.output(layer.intermediate(a), a)
+    valid = torch.arange(width, device=h.device) < counts.unsqueeze(1)
+    return out[valid]
+
+
 class SparseMLM(nn.Module):
     """Wraps a *ForMaskedLM so DDP/DeepSpeed see one forward that returns the loss sum."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.parts = _parts(model) is not None
+        parts = _parts(model)
+        self.parts = parts is not None
+        self.bert = self.parts and _bert_layers(parts[0]) is not None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Returns (summed masked-token loss, number of masked tokens)."""
         selected = labels != -100
         targets = labels[selected]
-        if self.parts:
+        if self.bert and bool(selected.any()):
+            encoder, head = _parts(self.model)
+            layers = _bert_layers(encoder)
+            hidden = encoder.embeddings(input_ids=input_ids)
+            for layer in layers[:-1]:
+                hidden = layer(hidden)
+            logits = head(_last_layer_at(layers[-1], hidden, selected))
+        elif self.parts:
             encoder, head = _parts(self.model)
             hidden = encoder(input_ids=input_ids).last_hidden_state
             logits = head(hidden[selected])
