@@ -135,8 +135,8 @@ def run() -> dict:
         ppl_hf = eval_perplexity(f"{tmp}/hf/model", dataset)
     return {
         "model": {**MODEL, "vocab_size": 50265, "batch": f"{BATCH} x 128", "steps": STEPS},
-        "mlmjob": {"tokens_per_s": ours["tokens_per_second"], "train_seconds": ours["train_seconds"],
-                   "eval_perplexity": round(ppl_ours, 2)},
+        "mlmjob": {"tokens_per_s": ours["tokens_per_second"],
+                   "train_seconds": ours["train_seconds"], "eval_perplexity": round(ppl_ours, 2)},
         "trainer": {"tokens_per_s": hf["tokens_per_s"], "train_seconds": hf["train_seconds"],
                     "eval_perplexity": round(ppl_hf, 2)},
         "speedup": round(ours["tokens_per_second"] / hf["tokens_per_s"], 2),
