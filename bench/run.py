@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("MLMJOB_NO_PROGRESS", "1")
 
-SECTIONS = ("preprocess", "train")  # grows with infer
+SECTIONS = ("preprocess", "train", "infer")
 
 
 def main() -> None:
