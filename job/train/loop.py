@@ -223,6 +223,8 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        import torch
+
         from job.data.loader import batch_ids, epoch_order
         from job.train import checkpoint
         from job.train.metrics import Metrics
@@ -285,6 +287,14 @@ class Trainer:
                      result["eval_loss"], result["perplexity"])  # fmt: skip
 
         order = epoch_order(n_train, cfg.run.seed, state["epoch"])
+        # Loss sums stay on the device between log steps: no host sync in a plain step.
+        window = torch.tensor([state["window_loss"], state["window_tokens"]],
+                              dtype=torch.float64, device=acc.device)  # fmt: skip
+
+        def save_window():
+            state["window_loss"], state["window_tokens"] = window.tolist()
+
+        mark = time.perf_counter()  # end of the last step (or of eval/checkpoint work)
         while state["step"] < self.total_steps:
             if state["sample"] + self.global_batch > n_train:  # epoch done (drop the rest)
                 state["epoch"] += 1
@@ -292,13 +302,13 @@ class Trainer:
                 order = epoch_order(n_train, cfg.run.seed, state["epoch"])
                 if t.eval_every_steps is None:
                     run_eval()
+                save_window()
                 save_checkpoint()
+                mark = time.perf_counter()
                 continue
-            step_start = time.perf_counter()
             lr = lr_at(state["step"], cfg, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = step_tokens = 0.0
             for m in range(A):
                 ids = batch_ids(order, state["sample"] + m * B * self.world, self.rank, B)
                 inputs, labels = self._batch(ids, state["epoch"], self.train_data)
@@ -310,24 +320,22 @@ class Trainer:
                         acc.clip_grad_norm_(self.wrapper.parameters(), t.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                step_loss += float(loss_sum.detach())
-                step_tokens += float(n)
-            step_seconds = time.perf_counter() - step_start
-            state["train_seconds"] += step_seconds
-            state["window_seconds"] += step_seconds
+                window += torch.stack([loss_sum.detach().double(), n.double()])
             state["step"] += 1
             state["sample"] += self.global_batch
             state["tokens"] += self.global_batch * self.block
-            state["window_loss"] += step_loss
-            state["window_tokens"] += step_tokens
+            log_now = state["step"] % t.log_every_steps == 0 or state["step"] == self.total_steps
+            if log_now:
+                loss_sum_all, tokens_all = self._sum_across_ranks(*window.tolist())  # syncs
+                window.zero_()
+            step_seconds = time.perf_counter() - mark
+            state["train_seconds"] += step_seconds
+            state["window_seconds"] += step_seconds
             progress.update(1)
-            if state["step"] % t.log_every_steps == 0 or state["step"] == self.total_steps:
-                loss_sum_all, tokens_all = self._sum_across_ranks(
-                    state["window_loss"], state["window_tokens"]
-                )
+            if log_now:
                 window_steps = (state["step"] - 1) % t.log_every_steps + 1
                 rate = window_steps * self.global_batch * self.block / state["window_seconds"]
-                state["window_loss"] = state["window_tokens"] = state["window_seconds"] = 0.0
+                state["window_seconds"] = 0.0
                 loss = loss_sum_all / max(tokens_all, 1.0)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                 if metrics:
@@ -339,13 +347,16 @@ class Trainer:
             if t.eval_every_steps and state["step"] % t.eval_every_steps == 0:
                 run_eval()
             if state["step"] % t.checkpoint_every_steps == 0:
+                save_window()
                 save_checkpoint()
             if preemption.agreed(acc):
+                save_window()
                 save_checkpoint()
                 log.warning("preempted at step %d: checkpoint committed, exiting %d",
                             state["step"], EXIT_PREEMPTED)  # fmt: skip
                 acc.end_training()
                 return EXIT_PREEMPTED
+            mark = time.perf_counter()
         progress.close()
         if self.eval_data is not None and (state["last_eval"] or {}).get("step") != state["step"]:
             run_eval()
