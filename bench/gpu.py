@@ -69,8 +69,13 @@ def main() -> None:
                                      vocab_size=50265)  # fmt: skip
         batches.append((torch.from_numpy(inputs).to(dev), torch.from_numpy(labels).to(dev)))
     tokens = args.steps * args.batch * 128
-    results = {"device": name, "batch": f"{args.batch} x 128", "steps": args.steps,
-               "precision": "bf16", "model": "distilroberta-base architecture, random weights"}  # fmt: skip
+    results = {
+        "device": name,
+        "batch": f"{args.batch} x 128",
+        "steps": args.steps,
+        "precision": "bf16",
+        "model": "distilroberta-base architecture, random weights",
+    }
 
     for variant in ("mlmjob", "full_head"):
         torch.manual_seed(0)
