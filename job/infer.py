@@ -230,7 +230,11 @@ def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
     if todo:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        model = cfg.infer.model or storage.join(cfg.run.output, "model")
+        model = cfg.infer.model
+        if model is None:  # the training run's model: complete once summary.json exists
+            model = storage.join(cfg.run.output, "model")
+            wait = float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
+            storage.wait_for(storage.join(cfg.run.output, "summary.json"), wait, "the model")
         fill = FillMask(model, cfg.cache_dir, cfg.infer.top_k, device)
         process_start = time.perf_counter()
         progress = bar(desc=f"infer (worker {me}/{total})", unit=" lines")

@@ -205,6 +205,18 @@ def expand(pattern: str) -> list[str]:
     return sorted(globlib.glob(str(local_path(pattern)), recursive=True))
 
 
+def wait_for(uri: str, seconds: float, what: str) -> None:
+    """Poll until `uri` exists or `seconds` pass: lets a Job start before its inputs exist."""
+    import time
+
+    from job.log import log
+
+    deadline = time.monotonic() + seconds
+    while not exists(uri) and time.monotonic() < deadline:
+        log.info("waiting for %s: %s", what, uri)
+        time.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
+
+
 # ---- writing -------------------------------------------------------------------------
 
 

@@ -97,6 +97,7 @@ def test_wiring(overlay, config):
             assert int(env["MLMJOB_NUM_WORKERS"]) == spec["completions"], name
         if name != "mlmjob-preprocess":
             assert container["command"] == ["python", "-m", "job.launch"]
+            assert int(env["MLMJOB_WAIT_SECONDS"]) >= 3600  # applied together: wait for input
             gpus = container["resources"]["limits"]["nvidia.com/gpu"]
             assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
             assert env["MLMJOB_NPROC_PER_NODE"] == gpus

@@ -306,3 +306,24 @@ def test_missing_source_and_tokenizer_without_mask(tmp_path):
     proc = mlmjob("preprocess", "-c", cfg, "--set", f"model.name_or_path={tmp_path}/tok")
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(f"'{tmp_path}/tok' has no mask token; MLM needs one")
+
+
+def test_parquet_and_hugging_face_sources_give_the_same_dataset(reference, tmp_path):
+    """Parquet through pyarrow, and the production path `datasets.load_dataset` (here on a
+    local folder, since no hub is reachable): both give the JSON file's blocks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = json.loads(gzip.decompress(ELI5.read_bytes()))
+    rows = [{"q_id": r["q_id"], "subreddit": r["subreddit"], "answers": {"text": r["answers"]["text"]}}
+            for r in records]  # fmt: skip
+    folder = tmp_path / "hf-eli5"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:1000]), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1000:]), folder / "train-00001.parquet")
+    want = json.loads((reference / "manifest.json").read_text())["splits"]
+    for n, source in enumerate([f"['{folder}/*.parquet']", f"[{{hf: '{folder}', split: train}}]"]):
+        out = tmp_path / f"out{n}"
+        run_ok("preprocess", "-c", eli5_config(tmp_path, out), "--set", f"data.sources={source}")
+        got = json.loads((dataset_dir(out) / "manifest.json").read_text())["splits"]
+        assert got == want, source

@@ -296,3 +296,18 @@ def test_tokenizer_different_from_the_datasets_is_refused(tmp_path, data_dir):
         f"mlmjob: error: model.tokenizer: '{ROOT}/job/sample/tokenizer' differs from the "
         f"dataset's tokenizer '{TOKENIZER}' ({manifest.parent})"
     )
+
+
+def test_train_applied_before_preprocess_waits_for_the_dataset(tmp_path):
+    """As `kubectl apply -k` starts every Job at once: train waits for the manifest."""
+    cfg = config(tmp_path, tmp_path / "data")
+    env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1", "MLMJOB_WAIT_SECONDS": "300"}
+    proc = subprocess.Popen(launch_cmd(cfg, "train.max_steps=4"), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(3)
+    assert proc.poll() is None  # still waiting, not failed
+    mlmjob("preprocess", "-c", cfg, check=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "waiting for the dataset" in err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 4

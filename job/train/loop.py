@@ -131,7 +131,9 @@ class Trainer:
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        self.manifest = read_manifest(cfg.data.dataset or dataset_uri(cfg, self.tok))
+        data_uri = cfg.data.dataset or dataset_uri(cfg, self.tok)
+        storage.wait_for(storage.join(data_uri, "manifest.json"), _wait_seconds(), "the dataset")
+        self.manifest = read_manifest(data_uri)
         if self.manifest.data["tokenizer_sha256"] != tokenizer_sha256(self.tok):
             raise BadInput(
                 f"model.tokenizer: '{cfg.tokenizer}' differs from the dataset's tokenizer "
@@ -433,6 +435,11 @@ def _mfu(config, seq_len, mask_fraction, tokens_per_s, world, device) -> float |
         return None
     achieved = flops_per_token(config, seq_len, mask_fraction) * tokens_per_s
     return round(achieved / (peak * world), 4)
+
+
+def _wait_seconds() -> float:
+    """MLMJOB_WAIT_SECONDS: how long a Job waits for its input (the k8s manifests set it)."""
+    return float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
 
 
 def train(cfg: Config) -> int:
