@@ -162,6 +162,8 @@ def test_two_process_ddp_and_deepspeed_agree(tmp_path, data_dir):
                 "train.deepspeed=configs/deepspeed/zero2.json", nproc=2)  # fmt: skip
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert "DeepSpeed configs/deepspeed/zero2.json" in ds.stderr
+    ds_files = [p.name for p in (tmp_path / "ds" / "checkpoints").rglob("*optim_states*")]
+    assert len(ds_files) == 2 * 2  # 2 checkpoints kept x 1 ZeRO partition per rank
     for run in ("ddp", "ds"):
         summary = json.loads((tmp_path / run / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["global_step"] == 24
@@ -311,3 +313,20 @@ def test_train_applied_before_preprocess_waits_for_the_dataset(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "waiting for the dataset" in err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 4
+
+
+def test_deepspeed_zero2_resume_matches_uninterrupted(tmp_path, data_dir):
+    """ZeRO-2 checkpoints hold one optimizer partition per rank: all must come back."""
+    sets = ("train.deepspeed=configs/deepspeed/zero2.json", "train.max_steps=12")
+    ref = launch(config(tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *sets, nproc=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cfg = config(tmp_path, data_dir, tmp_path / "run", "run.yaml")
+    proc = start(cfg, *sets, nproc=2)
+    wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step-6" / "COMMITTED.json").exists())
+    kill_all(proc)
+    files = json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "COMMITTED.json").read_text())
+    assert sum("optim_states" in f for f in files["files"]) == 2  # one partition per rank
+    again = launch(cfg, *sets, nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    assert_same_as(tmp_path / "run", tmp_path / "ref")

@@ -61,7 +61,9 @@ def _accelerator(cfg: Config):
     kwargs = {
         "mixed_precision": "bf16" if precision == "bf16" else "no",
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "cpu": not cuda,
+        # cpu=True would make accelerate skip DeepSpeed; on a CPU-only machine it picks the
+        # CPU by itself (DS_ACCELERATOR=cpu, gloo below).
+        "cpu": not cuda and not t.deepspeed,
     }
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or t.deepspeed
     if not cuda and distributed:  # gloo: else DeepSpeed on CPU thinks each process is alone
