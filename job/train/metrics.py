@@ -1,9 +1,8 @@
 """metrics.jsonl, summary.json and the loss/perplexity PNG (rank 0 only).
 
-The metrics file is rewritten whole (atomically) at each flush, so on S3 it is never
-half-written; on resume, events after the checkpoint's step are dropped because the
-resumed run logs them again, which keeps a resumed run's file equal to an
-uninterrupted one's.
+On resume, events after the checkpoint's step are dropped (the resumed run logs them
+again), so a resumed run's file equals an uninterrupted one's. A local file grows by
+appending; an S3 object is replaced whole, at evaluations, checkpoints and the end.
 """
 
 from __future__ import annotations
@@ -19,19 +18,31 @@ class Metrics:
         self.uri = storage.join(run_output, "metrics.jsonl")
         self.run_output = run_output
         self.events: list[dict] = []
+        self.written = 0  # events already in the file
         if resume_step is not None:
             try:
                 lines = storage.read_text(self.uri).splitlines()
             except FileNotFoundError:
                 lines = []
-            self.events = [e for e in map(json.loads, lines) if e["step"] <= resume_step]
+            self.events = [e for e in _parse(lines) if e["step"] <= resume_step]
+        self._rewrite()
 
     def log(self, event: dict) -> None:
         self.events.append(event)
 
     def flush(self) -> None:
-        text = "".join(json.dumps(e) + "\n" for e in self.events)
-        storage.write_text(self.uri, text)
+        """Local files grow by appending (a long run must not rewrite them at every log);
+        an S3 object can only be replaced whole, so callers flush it less often."""
+        if storage.is_s3(self.uri):
+            self._rewrite()
+            return
+        with open(storage.local_path(self.uri), "a") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in self.events[self.written :]))
+        self.written = len(self.events)
+
+    def _rewrite(self) -> None:
+        storage.write_text(self.uri, "".join(json.dumps(e) + "\n" for e in self.events))
+        self.written = len(self.events)
 
     def plot(self) -> None:
         """loss.png: training loss, eval loss and eval perplexity against the step."""
@@ -61,6 +72,17 @@ class Metrics:
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
         storage.write_bytes(storage.join(self.run_output, "loss.png"), buf.getvalue())
+
+
+def _parse(lines: list[str]) -> list[dict]:
+    """Events of a metrics file; a last line cut by a crash mid-append is dropped."""
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return events
 
 
 def write_summary(run_output: str, summary: dict) -> None:
