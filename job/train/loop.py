@@ -122,7 +122,7 @@ class Trainer:
         from job.data.loader import BlockData
         from job.data.preprocess import dataset_uri
         from job.data.shards import read_manifest
-        from job.train.model import SparseMLM, load_model
+        from job.train.model import SparseMLM, compile_layers, load_model
 
         self.cfg = cfg
         t = cfg.train
@@ -161,7 +161,7 @@ class Trainer:
         set_seed(cfg.run.seed)  # the same initial weights (and dropout stream) in every run
         self.model = load_model(cfg.model, self.tok, cfg.cache_dir, self.block)
         if t.compile:
-            self.model = torch.compile(self.model)
+            compile_layers(self.model)
         wrapper = SparseMLM(self.model)
         self.wrapper, self.optimizer = acc.prepare(wrapper, _optimizer(wrapper, cfg))
         self.special = np.asarray(sorted(set(self.tok.all_special_ids)), dtype=np.int64)

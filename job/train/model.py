@@ -97,6 +97,15 @@ def _last_layer_at(layer: nn.Module, h: torch.Tensor, selected: torch.Tensor) ->
     return out[valid]
 
 
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each encoder layer in place (parameter names stay as they are, so
+    checkpoints and save_pretrained are unaffected); the whole model if its layout is unknown."""
+    parts = _parts(model)
+    layers = _bert_layers(parts[0]) if parts else None
+    for module in layers if layers is not None else [model]:
+        module.compile(dynamic=True)
+
+
 class SparseMLM(nn.Module):
     """Wraps a *ForMaskedLM so DDP/DeepSpeed see one forward that returns the loss sum."""
 
