@@ -185,6 +185,8 @@ class FillMask:
 
 def run_part(fill: FillMask, uri: str, cfg: Config, progress) -> tuple[list[dict], int]:
     lines = read_lines(uri, cfg.infer.text_field)
+    progress.total = (progress.total or 0) + len(lines)  # known part by part: ETA for those
+    progress.refresh()
     ids = fill.encode(lines)
     results: list[dict | None] = [None] * len(lines)
     good = [i for i, x in enumerate(ids) if x is not None]

@@ -113,7 +113,11 @@ def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: st
     bad: list[str] = []
     batch: list[Record] = []
     tokens = 0
-    progress = bar(desc=f"tokenize (worker {worker}/{num_workers})", unit=" rec")
+    # Reading is cheap next to tokenizing: read this worker's share first so that the bar
+    # knows its total and shows an ETA.
+    records = list(_mine(iter_records(cfg.data), worker, num_workers))
+    progress = bar(desc=f"tokenize (worker {worker}/{num_workers})", total=len(records),
+                   unit=" rec")  # fmt: skip
 
     def flush():
         nonlocal tokens
@@ -127,7 +131,7 @@ def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: st
         progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
         batch.clear()
 
-    for rec in _mine(iter_records(cfg.data), worker, num_workers):
+    for rec in records:
         if rec.error is not None:
             if len(bad) < MAX_LOGGED_BAD:
                 log.warning("skipping %s: %s", rec.origin, rec.error)
