@@ -330,3 +330,19 @@ def test_deepspeed_zero2_resume_matches_uninterrupted(tmp_path, data_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     assert_same_as(tmp_path / "run", tmp_path / "ref")
+
+
+def test_gradient_accumulation_equals_data_parallel(tmp_path, data_dir):
+    """1 process x 2 micro-batches of 4 = 2 processes x 4: same samples, same averaged
+    gradient (dropout off: the two layouts draw dropout masks from different streams)."""
+    no_dropout = ("model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
+                  "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
+                  "attention_probs_dropout_prob: 0.0}")  # fmt: skip
+    sets = (no_dropout, "train.max_steps=8", "train.eval_every_steps=8")
+    accum = launch(config(tmp_path, data_dir, tmp_path / "accum", "a.yaml"), *sets,
+                   "train.gradient_accumulation_steps=2", nproc=1)  # fmt: skip
+    assert accum.returncode == 0, accum.stderr[-3000:]
+    ddp = launch(config(tmp_path, data_dir, tmp_path / "ddp", "d.yaml"), *sets, nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert [e["samples"] for e in events(tmp_path / "accum")] == [8 * k for k in range(1, 9)]
+    assert_same_as(tmp_path / "accum", tmp_path / "ddp")
