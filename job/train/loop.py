@@ -299,17 +299,19 @@ class Trainer:
             state["window_loss"], state["window_tokens"] = window.tolist()
 
         mark = time.perf_counter()  # end of the last step (or of eval/checkpoint work)
+
+        def epoch_done() -> bool:
+            """Not enough samples left for a global batch: the epoch ends (the rest dropped)."""
+            return state["sample"] + self.global_batch > n_train
+
+        def next_epoch():
+            state["epoch"] += 1
+            state["sample"] = 0
+            return epoch_order(n_train, cfg.run.seed, state["epoch"])
+
+        if epoch_done():  # resumed with a larger global batch than the epoch has left
+            order = next_epoch()
         while state["step"] < self.total_steps:
-            if state["sample"] + self.global_batch > n_train:  # epoch done (drop the rest)
-                state["epoch"] += 1
-                state["sample"] = 0
-                order = epoch_order(n_train, cfg.run.seed, state["epoch"])
-                if t.eval_every_steps is None:
-                    run_eval()
-                save_window()
-                save_checkpoint()
-                mark = time.perf_counter()
-                continue
             lr = lr_at(state["step"], cfg, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -348,9 +350,15 @@ class Trainer:
                                  "tokens_per_s": rate})  # fmt: skip
                     if not storage.is_s3(out):
                         metrics.flush()
-            if t.eval_every_steps and state["step"] % t.eval_every_steps == 0:
+            # The epoch turns over before any checkpoint of this step, so a checkpoint holds
+            # the state the next step starts from.
+            epoch_end = epoch_done() and state["step"] < self.total_steps
+            if epoch_end:
+                order = next_epoch()
+            every = t.eval_every_steps
+            if (every and state["step"] % every == 0) or (epoch_end and every is None):
                 run_eval()
-            if state["step"] % t.checkpoint_every_steps == 0:
+            if state["step"] % t.checkpoint_every_steps == 0 or epoch_end:
                 save_window()
                 save_checkpoint()
             if preemption.agreed(acc):
