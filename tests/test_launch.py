@@ -105,3 +105,31 @@ def test_bad_config_exits_2_through_the_launcher(tmp_path):
                           env={**os.environ, "MLMJOB_NPROC_PER_NODE": "1"})  # fmt: skip
     assert proc.returncode == 2
     assert "mlmjob: error: configs/demo.yaml: unknown key 'train.epochz'" in proc.stderr
+
+
+def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(tmp_path, demo_data):
+    """Checkpoints only at epoch ends (7 steps of 4 blocks each): the resumed run starts
+    the next epoch exactly as the uninterrupted one, evaluations included, none twice."""
+    from test_train import assert_same_as, kill_all, wait_for
+
+    sets = [*DEMO, "--set", f"data.output={demo_data}", "--set", "train.epochs=3",
+            "--set", "train.checkpoint_every_steps=1000", "--set", "train.eval_every_steps=null"]  # fmt: skip
+    env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1"}
+    cmd = [sys.executable, "-m", "job.launch", "train", *sets]
+    ref = subprocess.run([*cmd, "--set", f"run.output={tmp_path}/ref"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*cmd, "--set", f"run.output={run}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "step-7" / "COMMITTED.json").exists())
+    kill_all(proc)
+    again = subprocess.run([*cmd, "--set", f"run.output={run}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr
+    assert_same_as(run, tmp_path / "ref")
+    import json
+
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if e["event"] == "eval"] == [7, 14, 21]
