@@ -15,7 +15,6 @@ pipeline itself returns a bare list when the line has one mask). A bad line gets
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 
 from job import storage
 from job.config import Config
+from job.data.sources import read_input
 from job.errors import BadInput
 from job.log import bar, log
 
@@ -54,12 +54,7 @@ def input_files(cfg: Config) -> list[str]:
 
 def read_lines(uri: str, text_field: str) -> list[Line]:
     """Every line of a .txt or .jsonl file (optionally gzip); undecodable lines flagged."""
-    try:
-        data = storage.read_bytes(uri)
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-        raise BadInput(f"{uri}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    data = read_input(uri)
     jsonl = uri.removesuffix(".gz").endswith((".jsonl", ".json"))
     raws = data.split(b"\n")
     if raws[-1] == b"":
@@ -92,7 +87,7 @@ class FillMask:
         import torch
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-        from job.train.model import _parts
+        from job.train.model import encoder_and_head
 
         local = storage.to_local(model_uri, cache_dir / "models")
         try:
@@ -105,7 +100,7 @@ class FillMask:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
-        self.parts = _parts(model)
+        self.parts = encoder_and_head(model)
         self.top_k = top_k
         limit = getattr(model.config, "max_position_embeddings", 512)
         if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):

@@ -21,11 +21,7 @@ def load_tokenizer(name_or_uri: str, cache_dir: str | Path):
     """A fast tokenizer from a hub id, a local folder or an S3 folder; it needs a mask token."""
     from transformers import AutoTokenizer
 
-    local = (
-        storage.to_local(name_or_uri, Path(cache_dir) / "tokenizers")
-        if storage.is_s3(name_or_uri)
-        else name_or_uri
-    )
+    local = storage.to_local(name_or_uri, Path(cache_dir) / "tokenizers")  # S3 -> local copy
     try:
         tok = AutoTokenizer.from_pretrained(local)
     except (OSError, ValueError) as e:

@@ -101,7 +101,8 @@ def _iter_hf(source: SourceConfig) -> Iterator[tuple[str, object]]:
         yield f"{name}[{source.split}] record {i}", row
 
 
-def _read(uri: str) -> bytes:
+def read_input(uri: str) -> bytes:
+    """A file's bytes, gunzipped when gzip; an unreadable file is one BadInput line."""
     try:
         data = storage.read_bytes(uri)
         if data[:2] == b"\x1f\x8b":
@@ -116,7 +117,7 @@ def _iter_file(uri: str) -> Iterator[tuple[str, object]]:
     if name.endswith(".parquet"):
         yield from _iter_parquet(uri)
         return
-    data = _read(uri)
+    data = read_input(uri)
     if data.lstrip()[:1] == b"[":
         yield from _iter_json_array(uri, data)
     else:
@@ -156,7 +157,7 @@ def _iter_parquet(uri: str) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(io.BytesIO(_read(uri)))
+        table = pq.read_table(io.BytesIO(read_input(uri)))
     except pa.ArrowInvalid as e:
         raise BadInput(f"{uri}: not a readable Parquet file: {e}") from None
     for i, raw in enumerate(table.to_pylist()):

@@ -54,7 +54,7 @@ def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Mo
     return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
 
 
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def encoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The encoder and the MLM head, for the architectures whose layout is known."""
     encoder = getattr(model, model.base_model_prefix, None)
     head = getattr(model, "lm_head", None) or getattr(model, "cls", None)  # RoBERTa / BERT
@@ -100,7 +100,7 @@ def _last_layer_at(layer: nn.Module, h: torch.Tensor, selected: torch.Tensor) ->
 def compile_layers(model: nn.Module) -> None:
     """torch.compile each encoder layer in place (parameter names stay as they are, so
     checkpoints and save_pretrained are unaffected); the whole model if its layout is unknown."""
-    parts = _parts(model)
+    parts = encoder_and_head(model)
     layers = _bert_layers(parts[0]) if parts else None
     for module in layers if layers is not None else [model]:
         module.compile(dynamic=True)
@@ -112,7 +112,7 @@ class SparseMLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        parts = _parts(model)
+        parts = encoder_and_head(model)
         self.parts = parts is not None
         self.bert = self.parts and _bert_layers(parts[0]) is not None
 
@@ -121,14 +121,14 @@ class SparseMLM(nn.Module):
         selected = labels != -100
         targets = labels[selected]
         if self.bert and bool(selected.any()):
-            encoder, head = _parts(self.model)
+            encoder, head = encoder_and_head(self.model)
             layers = _bert_layers(encoder)
             hidden = encoder.embeddings(input_ids=input_ids)
             for layer in layers[:-1]:
                 hidden = layer(hidden)
             logits = head(_last_layer_at(layers[-1], hidden, selected))
         elif self.parts:
-            encoder, head = _parts(self.model)
+            encoder, head = encoder_and_head(self.model)
             hidden = encoder(input_ids=input_ids).last_hidden_state
             logits = head(hidden[selected])
         else:  # unknown layout: the full head, then the same selection
