@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from job.errors import EXIT_BAD_INPUT, BadInput, StorageError
+from job.errors import EXIT_BAD_INPUT, EXIT_RETRY, BadInput, StorageError, TransientStorageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, StorageError) as e:
         print(f"mlmjob: error: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except TransientStorageError as e:  # one line, not a traceback; the pod is retried
+        print(f"mlmjob: error: {e}", file=sys.stderr)
+        code = EXIT_RETRY
     _report(code)
     return code
 

@@ -12,3 +12,9 @@ class BadInput(Exception):
 
 class StorageError(Exception):
     """Object storage refused a request for a reason retrying will not fix."""
+
+
+class TransientStorageError(Exception):
+    """Object storage refused a request even with fresh credentials, for a reason that may
+    pass (an expired or rotated token, a denial after earlier successes): worth a retry.
+    Deliberately not a StorageError, which means exit 2."""

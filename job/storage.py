@@ -4,40 +4,50 @@ URIs are plain paths, `file://` paths or `s3://bucket/key`. Writes are atomic: a
 file is written beside its target and renamed; an S3 object appears whole when its PUT
 (or multipart upload) completes. Credentials come only from boto3's standard chain
 (environment, shared config, web identity / pod identity); transient S3 errors are
-retried by botocore's "standard" mode with exponential backoff and jitter.
+retried by botocore's "standard" mode with exponential backoff and jitter. An expired token
+(or a denial on a client that has worked before) drops the cached client and retries once
+with a fresh one, which re-reads the credential chain (a rotated web-identity token); if
+that fails too the error is a TransientStorageError (exit 1), never a StorageError (exit 2).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import glob as globlib
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import StorageError
+from job.errors import StorageError, TransientStorageError
 
 _settings = {"endpoint_url": None, "region": None}
 _client = None
+_client_worked = False  # has the cached client completed a call? (see _s3_call)
 
-_DENIED = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
+# Credentials that were valid and have lapsed: a fresh client (re-read chain) may fix them.
+_EXPIRED = {
     "ExpiredToken",
-    "403",
+    "ExpiredTokenException",
+    "RequestExpired",
+    "TokenRefreshRequired",
+    "InvalidToken",
 }
+# Refusals of the credentials themselves: final on a client that has never worked.
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403"}
 
 
 def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
     """Set the S3 endpoint and region (config values win over the environment)."""
-    global _client
     _settings["endpoint_url"] = endpoint_url
     _settings["region"] = region
-    _client = None
+    _drop_client()
+
+
+def _drop_client() -> None:
+    global _client, _client_worked
+    _client, _client_worked = None, False
 
 
 def is_s3(uri: str) -> bool:
@@ -101,30 +111,72 @@ def client():
     return _client
 
 
-def _s3_call(uri: str, fn, *args, **kwargs):
-    """Run one boto3 call, turning errors retrying cannot fix into one clear line."""
+def _s3_call(uri: str, call):
+    """Run `call(client)`, turning errors retrying cannot fix into one clear line.
+
+    A refusal that fresh credentials may cure (an expired token; a denial on a client that
+    has worked, so the credentials were good a moment ago) drops the cached client and
+    retries once: a new boto3 session re-reads the credential chain. A second refusal is a
+    TransientStorageError, which exits 1 so that the pod is retried, not the Job failed.
+    """
+    try:
+        return _s3_attempt(uri, call, retry=False)
+    except _Refresh as e:
+        from job.log import log
+
+        log.warning("%s: S3 refused the request (%s); retrying with fresh credentials", uri, e)
+        _drop_client()
+    try:
+        return _s3_attempt(uri, call, retry=True)
+    except _Refresh as e:
+        raise TransientStorageError(
+            f"{uri}: S3 refused the request ({e}) again with fresh credentials; "
+            "the pod is worth a retry"
+        ) from None
+
+
+class _Refresh(Exception):
+    """An S3 refusal that a fresh client may cure; the message is the S3 error code."""
+
+
+def _s3_attempt(uri: str, call, retry: bool):
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError, NoCredentialsError
 
+    global _client_worked
     try:
-        return fn(*args, **kwargs)
+        result = call(client())
     except NoCredentialsError:
         raise StorageError(
             f"{uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
             "AWS_PROFILE, or give the pod an IAM identity)"
         ) from None
-    except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        bucket = split_s3(uri).bucket
-        if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket '{bucket}' does not exist") from None
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise FileNotFoundError(uri) from None
-        if code in _DENIED:
-            raise StorageError(
-                f"{uri}: access denied by S3 ({code}): check the credentials and the "
-                f"bucket policy of '{bucket}'"
-            ) from None
+    except (ClientError, S3UploadFailedError) as e:
+        # upload_file wraps the ClientError, which stays reachable as the context
+        error = e if isinstance(e, ClientError) else e.__context__
+        if not isinstance(error, ClientError):
+            raise
+        _raise_for(uri, error, worked=_client_worked or retry)
         raise
+    _client_worked = True
+    return result
+
+
+def _raise_for(uri: str, error, worked: bool) -> None:
+    """Raise what an S3 error code means here; return for codes left to the caller."""
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    bucket = split_s3(uri).bucket
+    if code == "NoSuchBucket":
+        raise StorageError(f"{uri}: bucket '{bucket}' does not exist") from None
+    if code in ("NoSuchKey", "404", "NotFound"):
+        raise FileNotFoundError(uri) from None
+    if code in _EXPIRED or (code in _DENIED and worked):
+        raise _Refresh(code) from None
+    if code in _DENIED:
+        raise StorageError(
+            f"{uri}: access denied by S3 ({code}): check the credentials and the "
+            f"bucket policy of '{bucket}'"
+        ) from None
 
 
 # ---- reading -------------------------------------------------------------------------
@@ -133,7 +185,7 @@ def _s3_call(uri: str, fn, *args, **kwargs):
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         loc = split_s3(uri)
-        resp = _s3_call(uri, client().get_object, Bucket=loc.bucket, Key=loc.key)
+        resp = _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key))
         return resp["Body"].read()
     return local_path(uri).read_bytes()
 
@@ -147,7 +199,7 @@ def read_range(uri: str, start: int, length: int) -> bytes:
     if is_s3(uri):
         loc = split_s3(uri)
         rng = f"bytes={start}-{start + length - 1}"
-        resp = _s3_call(uri, client().get_object, Bucket=loc.bucket, Key=loc.key, Range=rng)
+        resp = _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key, Range=rng))
         return resp["Body"].read()
     with open(local_path(uri), "rb") as f:
         f.seek(start)
@@ -156,9 +208,8 @@ def read_range(uri: str, start: int, length: int) -> bytes:
 
 def exists(uri: str) -> bool:
     if is_s3(uri):
-        loc = split_s3(uri)
         try:
-            _s3_call(uri, client().head_object, Bucket=loc.bucket, Key=loc.key)
+            _head(uri)
             return True
         except FileNotFoundError:
             return False
@@ -167,9 +218,38 @@ def exists(uri: str) -> bool:
 
 def size(uri: str) -> int:
     if is_s3(uri):
-        loc = split_s3(uri)
-        return _s3_call(uri, client().head_object, Bucket=loc.bucket, Key=loc.key)["ContentLength"]
+        return _head(uri)["ContentLength"]
     return local_path(uri).stat().st_size
+
+
+def _head(uri: str) -> dict:
+    loc = split_s3(uri)
+    return _s3_call(uri, lambda c: c.head_object(Bucket=loc.bucket, Key=loc.key))
+
+
+def fingerprint(uri: str) -> dict:
+    """What changes when a file's content does: size + ETag on S3, size + mtime locally."""
+    if is_s3(uri):
+        head = _head(uri)
+        return {"size": head["ContentLength"], "etag": head["ETag"]}
+    st = local_path(uri).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _list_pages(uri: str, **kwargs) -> list[dict]:
+    """Every list_objects_v2 page (all pages in one retryable call: a refresh restarts it)."""
+    return _s3_call(uri, lambda c: list(c.get_paginator("list_objects_v2").paginate(**kwargs)))
+
+
+def list_names(folder: str) -> list[str]:
+    """Names of the files directly in a folder URI (not in its subfolders), sorted."""
+    if is_s3(folder):
+        loc = split_s3(folder)
+        key = loc.key.rstrip("/") + "/" if loc.key else ""
+        pages = _list_pages(folder, Bucket=loc.bucket, Prefix=key, Delimiter="/")
+        return sorted(o["Key"][len(key) :] for page in pages for o in page.get("Contents", []))
+    root = local_path(folder)
+    return sorted(p.name for p in root.iterdir() if p.is_file()) if root.is_dir() else []
 
 
 def list_files(prefix: str) -> list[str]:
@@ -178,9 +258,7 @@ def list_files(prefix: str) -> list[str]:
         loc = split_s3(prefix)
         key = loc.key.rstrip("/") + "/" if loc.key else ""
         out = []
-        paginator = client().get_paginator("list_objects_v2")
-        pages = _s3_call(prefix, lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=key)))
-        for page in pages:
+        for page in _list_pages(prefix, Bucket=loc.bucket, Prefix=key):
             out += [f"s3://{loc.bucket}/{o['Key']}" for o in page.get("Contents", [])]
         return sorted(out)
     root = local_path(prefix)
@@ -190,19 +268,34 @@ def list_files(prefix: str) -> list[str]:
 
 
 def expand(pattern: str) -> list[str]:
-    """A URI or glob to the sorted list of files it names (a folder names its files)."""
+    """A URI or glob to the sorted list of files it names (a folder names its files).
+
+    Globs match as glob.glob(recursive=True) does, on S3 too: `*`, `?` and `[..]` stay
+    within one folder, `**` spans any number of them; only files are named, never folders.
+    """
     if not any(c in pattern for c in "*?["):
         if is_s3(pattern):
             return [pattern] if exists(pattern) else list_files(pattern)
         p = local_path(pattern)
         return list_files(pattern) if p.is_dir() else ([str(p)] if p.exists() else [])
     if is_s3(pattern):
-        loc = split_s3(pattern)
-        fixed = loc.key[: min(loc.key.find(c) for c in "*?[" if c in loc.key)]
-        folder = fixed.rsplit("/", 1)[0] if "/" in fixed else ""
-        base = f"s3://{loc.bucket}/{folder}"
-        return [u for u in list_files(base) if fnmatch.fnmatchcase(u, pattern)]
-    return sorted(globlib.glob(str(local_path(pattern)), recursive=True))
+        return _expand_s3(pattern)
+    found = globlib.glob(str(local_path(pattern)), recursive=True)
+    return sorted(p for p in found if os.path.isfile(p))
+
+
+def _expand_s3(pattern: str) -> list[str]:
+    from fsspec.utils import glob_translate
+
+    loc = split_s3(pattern)
+    try:
+        regex = re.compile(glob_translate(loc.key))
+    except ValueError as e:  # '**' inside a name (a local glob reads it as '*')
+        raise StorageError(f"{pattern}: {e}") from None
+    wild = min(loc.key.find(c) for c in "*?[" if c in loc.key)
+    folder = loc.key[:wild].rpartition("/")[0]  # list only below the fixed part
+    bucket = f"s3://{loc.bucket}/"
+    return [u for u in list_files(bucket + folder) if regex.match(u[len(bucket) :])]
 
 
 def wait_for(uri: str, seconds: float, what: str) -> None:
@@ -224,7 +317,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Atomic: readers see the old object or the whole new one, never a part."""
     if is_s3(uri):
         loc = split_s3(uri)
-        _s3_call(uri, client().put_object, Bucket=loc.bucket, Key=loc.key, Body=data)
+        _s3_call(uri, lambda c: c.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
         return
     path = local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +340,7 @@ def upload_file(local: str | Path, uri: str) -> None:
     """Copy a local file to a URI atomically (multipart for large files on S3)."""
     if is_s3(uri):
         loc = split_s3(uri)
-        _s3_call(uri, client().upload_file, str(local), loc.bucket, loc.key)
+        _s3_call(uri, lambda c: c.upload_file(str(local), loc.bucket, loc.key))
         return
     path = local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +360,7 @@ def download_file(uri: str, local: str | Path) -> None:
     try:
         if is_s3(uri):
             loc = split_s3(uri)
-            _s3_call(uri, client().download_file, loc.bucket, loc.key, str(tmp))
+            _s3_call(uri, lambda c: c.download_file(loc.bucket, loc.key, str(tmp)))
         else:
             shutil.copyfile(local_path(uri), tmp)
         os.replace(tmp, local)
@@ -291,7 +384,7 @@ def download_dir(uri: str, local_dir: str | Path) -> None:
 def delete(uri: str) -> None:
     if is_s3(uri):
         loc = split_s3(uri)
-        _s3_call(uri, client().delete_object, Bucket=loc.bucket, Key=loc.key)
+        _s3_call(uri, lambda c: c.delete_object(Bucket=loc.bucket, Key=loc.key))
     else:
         local_path(uri).unlink(missing_ok=True)
 

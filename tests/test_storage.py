@@ -6,7 +6,7 @@ import pytest
 from conftest import mlmjob, write_config
 
 from job import storage
-from job.errors import StorageError
+from job.errors import StorageError, TransientStorageError
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -94,3 +94,130 @@ def test_cli_missing_bucket_exits_2(s3, tmp_path):
         last
         == "mlmjob: error: s3://no-such-bucket/eli5.json: bucket 'no-such-bucket' does not exist"
     )
+
+
+def test_glob_matches_like_a_local_glob(base):
+    """`*`, `?` and `[..]` stay inside one folder and `**` crosses folders, on S3 as locally
+    (glob.glob(recursive=True)); a glob names files, never folders."""
+    for rel in ["in/a.txt", "in/b.txt", "in/c.json", "in/old/x.txt", "in/old/deep/y.txt"]:
+        storage.write_text(storage.join(base, rel), rel)
+
+    def expand(pattern):
+        return [u[len(base) + 1 :] for u in storage.expand(storage.join(base, pattern))]
+
+    assert expand("in/*.txt") == ["in/a.txt", "in/b.txt"]
+    assert expand("in/?.txt") == ["in/a.txt", "in/b.txt"]
+    assert expand("in/[a].txt") == ["in/a.txt"]
+    assert expand("in/*") == ["in/a.txt", "in/b.txt", "in/c.json"]
+    assert expand("in/*/*.txt") == ["in/old/x.txt"]
+    assert expand("in/o*/x.txt") == ["in/old/x.txt"]
+    assert expand("i?/*.json") == ["in/c.json"]
+    assert expand("in/**/*.txt") == ["in/a.txt", "in/b.txt", "in/old/deep/y.txt", "in/old/x.txt"]
+    assert expand("in/**") == [
+        "in/a.txt",
+        "in/b.txt",
+        "in/c.json",
+        "in/old/deep/y.txt",
+        "in/old/x.txt",
+    ]
+    assert expand("in/*.parquet") == []
+
+
+def _through(proxy, s3_prefix, name="x.bin"):
+    """Point storage at the proxy; an object's URI and the path the proxy counts it by."""
+    storage.configure(endpoint_url=proxy.endpoint)
+    uri = f"{s3_prefix}/{name}"
+    return uri, "/" + uri[len("s3://") :]
+
+
+@pytest.mark.parametrize("op", ["read", "upload", "download", "list", "exists"])
+def test_expired_token_refreshes_the_client_and_retries_once(s3_proxy, s3_prefix, tmp_path, op):
+    uri, path = _through(s3_proxy, s3_prefix)
+    storage.write_bytes(uri, b"payload")
+    used = storage.client()
+    s3_proxy.reset()
+    s3_proxy.fail_next(1, "ExpiredToken")
+    (tmp_path / "up").write_bytes(b"uploaded")
+    method, expected = {
+        "read": ("GET", lambda: storage.read_bytes(uri) == b"payload"),
+        "upload": ("PUT", lambda: storage.upload_file(tmp_path / "up", uri) is None),
+        "download": ("HEAD", lambda: storage.download_file(uri, tmp_path / "down") is None),
+        "list": ("GET", lambda: storage.list_files(s3_prefix) == [uri]),
+        "exists": ("HEAD", lambda: storage.exists(uri)),
+    }[op]
+    assert expected()
+    counted = path if op != "list" else "/" + s3_prefix[len("s3://") :].split("/")[0]
+    assert s3_proxy.counts[(method, counted)] == 2  # the refused request, then one retry
+    assert storage.client() is not used  # the retry went through a fresh client
+    if op in ("upload", "download"):
+        assert (
+            storage.read_bytes(uri)
+            == (tmp_path / ("up" if op == "upload" else "down")).read_bytes()
+        )
+
+
+def test_refresh_rereads_rotated_credentials(s3, s3_proxy, s3_prefix, monkeypatch):
+    """The client was made with credentials since rotated: S3 says ExpiredToken, and the
+    fresh client takes the new ones from the credential chain."""
+    uri, path = _through(s3_proxy, s3_prefix)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated-away")
+    storage.client()  # made with the old key
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.env()["AWS_ACCESS_KEY_ID"])
+    s3_proxy.fail_next(1, "ExpiredToken")
+    storage.write_bytes(uri, b"1")
+    assert s3_proxy.counts[("PUT", path)] == 2
+
+
+def test_access_denied_after_success_is_retried_once_then_transient(s3_proxy, s3_prefix):
+    uri, path = _through(s3_proxy, s3_prefix)
+    storage.write_bytes(uri, b"payload")
+    s3_proxy.reset()
+    s3_proxy.fail_next(1, "AccessDenied")
+    assert storage.read_bytes(uri) == b"payload"
+    s3_proxy.reset()
+    s3_proxy.fail_next(1, "AccessDenied")
+    storage.write_bytes(uri, b"v2")  # a fresh client that has not succeeded yet is refused
+    s3_proxy.fail_next(2, "AccessDenied")
+    with pytest.raises(TransientStorageError, match=r"AccessDenied"):
+        storage.read_bytes(uri)
+    assert s3_proxy.counts[("GET", path)] == 2
+
+
+def test_persistent_expired_token_is_transient(s3_proxy, s3_prefix):
+    uri, path = _through(s3_proxy, s3_prefix)
+    s3_proxy.fail_next(2, "ExpiredToken")
+    with pytest.raises(TransientStorageError, match=r"ExpiredToken") as err:
+        storage.read_bytes(uri)
+    assert not isinstance(err.value, StorageError)  # StorageError means exit 2
+    assert s3_proxy.counts[("GET", path)] == 2
+
+
+def _infer_config(tmp_path, pattern, endpoint):
+    return write_config(
+        tmp_path / "c.yaml",
+        f"storage: {{endpoint_url: '{endpoint}'}}\n"
+        f"infer: {{inputs: ['{pattern}'], output: '{tmp_path}/out'}}\n",
+    )
+
+
+def test_cli_persistent_expired_token_exits_1(s3_proxy, s3_prefix, tmp_path):
+    storage.write_text(f"{s3_prefix}/in/a.txt", "The <mask> is blue.\n")
+    cfg = _infer_config(tmp_path, f"{s3_prefix}/in/*.txt", s3_proxy.endpoint)
+    s3_proxy.fail_next(10, "ExpiredToken")
+    proc = mlmjob("infer", "-c", cfg)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mlmjob: error: {s3_prefix}/in: S3 refused the request (ExpiredToken)")
+    assert s3_proxy.counts[("GET", "/test")] == 2  # the listing, then one retry
+
+
+def test_cli_wrong_key_on_a_fresh_client_exits_2(s3_proxy, s3_prefix, tmp_path):
+    storage.write_text(f"{s3_prefix}/in/a.txt", "The <mask> is blue.\n")
+    cfg = _infer_config(tmp_path, f"{s3_prefix}/in/*.txt", s3_proxy.endpoint)
+    proc = mlmjob("infer", "-c", cfg, env={"AWS_ACCESS_KEY_ID": "wrong"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mlmjob: error: {s3_prefix}/in: access denied by S3 (InvalidAccessKeyId): "
+        "check the credentials and the bucket policy of 'test'"
+    )
+    assert sum(s3_proxy.counts.values()) == 1  # no retry: retrying cannot fix a wrong key
