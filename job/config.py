@@ -97,6 +97,17 @@ class InferConfig:
     top_k: int = 3
     batch_size: int = 64
     lines_per_part: int = 100000
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp32 (= the pipeline)
+
+    PRECISIONS = ("auto", "bf16", "fp32")  # not annotated: a constant, not a config key
+
+    def __post_init__(self):
+        # Checked here, at load time, so that `mlmjob validate` refuses a bad value too.
+        if self.precision not in self.PRECISIONS:
+            raise BadInput(
+                f"key 'infer.precision' must be one of {', '.join(self.PRECISIONS)}, "
+                f"got {self.precision!r}"
+            )
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """`mlmjob infer`: batch fill-mask over text files, sharded and restartable.
 
-Each input file (sorted, across every configured URI or glob) is one part; part i goes
-to worker i mod W, where the W workers are every process of every pod
-(`--worker-index` x torchrun's ranks). A part is written whole to
-`{infer.output}/part-{i}.jsonl`, then `part-{i}.done` commits it: a rerun skips committed
-parts and redoes the rest, so no line is lost or written twice.
+Each input file is one part, named by its input, never by its place in the input list
+(which shifts when inputs come and go): `{infer.output}/part-<name>-<sha256(URI)[:12]>.jsonl`
+is written whole, then its `.done` marker commits it, recording the input's URI and
+fingerprint (size + ETag on S3, size + mtime locally). A rerun skips a part only when its
+marker matches the input as it is now, so a changed file is redone and a new one done;
+worker 0 deletes the parts of inputs that are gone. No line is lost or written twice.
+Work is dealt round-robin over the sorted inputs: input i goes to worker i mod W, where
+the W workers are every process of every pod (`--worker-index` x torchrun's ranks).
 
 Output: one JSON line per input line, in input order:
     {"file": ..., "line": N, "masks": [[{"score", "token", "token_str", "sequence"}, ...], ...]}
@@ -15,8 +18,10 @@ pipeline itself returns a bare list when the line has one mask). A bad line gets
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +36,31 @@ from job.errors import BadInput
 from job.log import bar, log
 
 MASK = "<mask>"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")  # kept out of part names (URIs, shells, globs)
+
+
+def part_name(uri: str, line_range: list[int] | None = None) -> str:
+    """A part's file name (without .jsonl/.done), from its input: readable from the file's
+    name, unique by the URI's hash. A line range (for when a file is split) is appended."""
+    base = _UNSAFE.sub("_", uri.rstrip("/").rpartition("/")[2])[:64]
+    name = f"part-{base}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    return name if line_range is None else f"{name}-lines-{line_range[0]}-{line_range[1]}"
+
+
+@dataclass
+class Part:
+    """One unit of work, and what its .done marker must say for it to count as done."""
+
+    uri: str
+    fingerprint: dict
+    line_range: list[int] | None = None  # None: the whole file (files are not split yet)
+
+    @property
+    def name(self) -> str:
+        return part_name(self.uri, self.line_range)
+
+    def key(self) -> dict:
+        return {"input": self.uri, "fingerprint": self.fingerprint, "line_range": self.line_range}
 
 
 @dataclass
@@ -49,7 +79,7 @@ def input_files(cfg: Config) -> list[str]:
         files += found
     if not files:
         raise BadInput("infer.inputs: no inputs configured")
-    return files
+    return list(dict.fromkeys(files))  # a file two patterns name is still one part
 
 
 def read_lines(uri: str, text_field: str) -> list[Line]:
@@ -83,7 +113,9 @@ def read_lines(uri: str, text_field: str) -> list[Line]:
 class FillMask:
     """Batched fill-mask giving what pipeline("fill-mask") gives, line for line."""
 
-    def __init__(self, model_uri: str, cache_dir: Path, top_k: int, device: str):
+    def __init__(
+        self, model_uri: str, cache_dir: Path, top_k: int, device: str, precision: str = "auto"
+    ):
         import torch
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -98,7 +130,10 @@ class FillMask:
         if self.tok.mask_token is None:
             raise BadInput(f"infer.model: '{model_uri}' has a tokenizer without a mask token")
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # fp32 is what equals pipeline("fill-mask"); bf16 is the fast choice on a GPU
+        auto = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = auto if precision == "auto" else precision
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
         self.parts = encoder_and_head(model)
         self.top_k = top_k
@@ -210,34 +245,25 @@ def _workers(worker_index: int, num_workers: int) -> tuple[int, int]:
 
 
 def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
-    import torch
-
     start = time.perf_counter()
     files = input_files(cfg)
     me, total = _workers(worker_index, num_workers)
-    mine = [(i, f) for i, f in enumerate(files) if i % total == me]
     out = cfg.infer.output
-    todo = [(i, f) for i, f in mine
-            if not storage.exists(storage.join(out, f"part-{i}.done"))]  # fmt: skip
-    skipped = len(mine) - len(todo)
+    if me == 0:  # one worker tidies up, so that no two delete the same files
+        _remove_gone_parts(out, files)
+    todo, skipped = _pending(out, files[me::total])
     if skipped:
         log.info("worker %d: %d part(s) already committed, skipping them", me, skipped)
     stats = {"parts": len(todo), "skipped_parts": skipped, "lines": 0, "errors": 0}
     process_start = time.perf_counter()
     if todo:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        model = cfg.infer.model
-        if model is None:  # the training run's model: complete once summary.json exists
-            model = storage.join(cfg.run.output, "model")
-            wait = float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
-            storage.wait_for(storage.join(cfg.run.output, "summary.json"), wait, "the model")
-        fill = FillMask(model, cfg.cache_dir, cfg.infer.top_k, device)
+        fill = _load(cfg)
+        stats["precision"] = fill.precision
         process_start = time.perf_counter()
         progress = bar(desc=f"infer (worker {me}/{total})", unit=" lines")
-        for i, uri in todo:
-            results, errors = run_part(fill, uri, cfg, progress)
-            _commit(out, i, uri, results, errors)
+        for part in todo:
+            results, errors = run_part(fill, part.uri, cfg, progress)
+            _commit(out, part, results, errors)
             if stats["lines"] == 0:
                 _preview(results)
             stats["lines"] += len(results)
@@ -254,6 +280,68 @@ def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
     return stats
 
 
+def _load(cfg: Config) -> FillMask:
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    model = cfg.infer.model
+    if model is None:  # the training run's model: complete once summary.json exists
+        model = storage.join(cfg.run.output, "model")
+        wait = float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
+        storage.wait_for(storage.join(cfg.run.output, "summary.json"), wait, "the model")
+    fill = FillMask(model, cfg.cache_dir, cfg.infer.top_k, device, cfg.infer.precision)
+    log.info("infer: model %s on %s, precision %s", model, device, fill.precision)
+    return fill
+
+
+def _pending(out: str, uris: list[str]) -> tuple[list[Part], int]:
+    """The parts of these inputs not committed for the input as it is now, and how many
+    are. The fingerprint is taken before the input is read: a file that changes while
+    being read gets a marker that no longer matches it, so the next run redoes it."""
+    todo, skipped = [], 0
+    for uri in uris:
+        part = Part(uri, storage.fingerprint(uri))
+        marker_uri = storage.join(out, f"{part.name}.done")
+        marker = _read_marker(marker_uri)
+        if marker is not None and all(marker.get(k) == v for k, v in part.key().items()):
+            skipped += 1
+            continue
+        if marker is not None:  # committed for an older version: uncommit before rewriting
+            log.info("%s changed since its part was written: redoing it", uri)
+            storage.delete(marker_uri)
+        todo.append(part)
+    return todo, skipped
+
+
+def _read_marker(uri: str) -> dict | None:
+    """A .done marker's content; None when there is none, {} when it is unreadable."""
+    try:
+        marker = json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _remove_gone_parts(out: str, files: list[str]) -> None:
+    """Delete the parts (lines and marker) of inputs no longer among the inputs, and any
+    other part-* file not named after a current input (e.g. positional names of old)."""
+    current = {part_name(uri) for uri in files}
+    gone = [
+        name
+        for name in storage.list_names(out)
+        if name.startswith("part-")
+        and name.endswith((".jsonl", ".done"))
+        and name.rpartition(".")[0] not in current
+    ]
+    for name in sorted(gone, key=lambda n: not n.endswith(".done")):  # uncommit first
+        storage.delete(storage.join(out, name))
+    if gone:
+        log.info("worker 0: removed %d file(s) of parts whose input is gone", len(gone))
+
+
 def _preview(results: list[dict]) -> None:
     """Show the first prediction in the log: a quick check that the model makes sense."""
     first = next((r for r in results if "masks" in r), None)
@@ -264,14 +352,14 @@ def _preview(results: list[dict]) -> None:
         log.info("%s:%d mask %d: %s", first["file"], first["line"], m, top)
 
 
-def _commit(out: str, i: int, uri: str, results: list[dict], errors: int) -> None:
+def _commit(out: str, part: Part, results: list[dict], errors: int) -> None:
     """Write the part whole, then its done marker: a part without the marker is redone."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for r in results:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     try:
-        storage.upload_file(f.name, storage.join(out, f"part-{i}.jsonl"))
+        storage.upload_file(f.name, storage.join(out, f"{part.name}.jsonl"))
     finally:
         os.unlink(f.name)
-    marker = {"part": i, "input": uri, "lines": len(results), "errors": errors}
-    storage.write_text(storage.join(out, f"part-{i}.done"), json.dumps(marker) + "\n")
+    marker = {**part.key(), "lines": len(results), "errors": errors}
+    storage.write_text(storage.join(out, f"{part.name}.done"), json.dumps(marker) + "\n")

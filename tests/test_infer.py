@@ -1,12 +1,15 @@
 """Batch fill-mask against pipeline("fill-mask"), on a model saved by a training run."""
 
 import gzip
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,13 @@ def config(tmp_path, model_dir, inputs, out=None, name="infer.yaml"):
     return write_config(tmp_path / name, text)
 
 
+def part_stem(uri) -> str:
+    """The storage layout's contract: a part is named by its input URI, never by its
+    position in the input list."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(uri).rsplit("/", 1)[-1])
+    return f"part-{base}-{hashlib.sha256(str(uri).encode()).hexdigest()[:12]}"
+
+
 def read_parts(out: Path) -> list[dict]:
     return [
         json.loads(line)
@@ -71,8 +81,11 @@ def test_results_equal_the_pipeline(tmp_path, model_dir):
     lines = [*GOOD, "no mask here", "", too_long]
     src = tmp_path / "lines.txt"
     src.write_bytes("\n".join(lines).encode() + b"\n" + b"caf\xe9 <mask>\n")
-    proc = mlmjob("infer", "-c", config(tmp_path, model_dir, [src]), check=True)
+    # fp32 explicitly: the default (auto) is bf16 on a GPU, which the fp32 pipeline is not
+    cfg = config(tmp_path, model_dir, [src])
+    proc = mlmjob("infer", "-c", cfg, "--set", "infer.precision=fp32", check=True)
     assert "1 parts written, 0 skipped, 9 lines (4 errors)" in proc.stderr
+    assert "precision fp32" in proc.stderr
     out = read_parts(tmp_path / "out")
     assert [(r["file"], r["line"]) for r in out] == [(str(src), n) for n in range(1, 10)]
 
@@ -114,12 +127,14 @@ def assert_complete(out: Path, inputs: list[Path], lines: int):
     records = read_parts(out)
     keys = [(r["file"], r["line"]) for r in records]
     assert len(keys) == len(set(keys)) == len(inputs) * lines  # none lost, none twice
-    for i, src in enumerate(sorted(inputs)):
-        part = [json.loads(x) for x in (out / f"part-{i}.jsonl").read_text().splitlines()]
+    for src in inputs:
+        stem = part_stem(src)
+        part = [json.loads(x) for x in (out / f"{stem}.jsonl").read_text().splitlines()]
         assert [(r["file"], r["line"]) for r in part] == [
             (str(src), n) for n in range(1, lines + 1)
         ]
-        assert json.loads((out / f"part-{i}.done").read_text())["lines"] == lines
+        marker = json.loads((out / f"{stem}.done").read_text())
+        assert (marker["input"], marker["lines"]) == (str(src), lines)
 
 
 def test_interrupted_job_resumes_without_loss_or_repeats(tmp_path, model_dir):
@@ -129,16 +144,18 @@ def test_interrupted_job_resumes_without_loss_or_repeats(tmp_path, model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "job", "infer", "-c", str(cfg)], cwd=ROOT,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
-    while not (out / "part-0.done").exists() and time.time() < deadline:
+    first = out / f"{part_stem(inputs[0])}.done"
+    while not first.exists() and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / "part-0.done").exists() and not (out / "part-2.done").exists()
-    committed = (out / "part-0.jsonl").stat().st_mtime_ns
-    (out / "part-1.jsonl").write_text('{"half": "written"}\n')  # a crash mid-part, uncommitted
+    assert [p.name for p in out.glob("*.done")] == [first.name]
+    committed = (out / f"{part_stem(inputs[0])}.jsonl").stat().st_mtime_ns
+    # a crash mid-part leaves it uncommitted
+    (out / f"{part_stem(inputs[1])}.jsonl").write_text('{"half": "written"}\n')
     again = mlmjob("infer", "-c", cfg, check=True)
     assert "1 part(s) already committed" in again.stderr
-    assert (out / "part-0.jsonl").stat().st_mtime_ns == committed
+    assert (out / f"{part_stem(inputs[0])}.jsonl").stat().st_mtime_ns == committed
     assert_complete(out, inputs, 1500)
 
 
@@ -146,7 +163,8 @@ def test_workers_split_parts_deterministically(tmp_path, model_dir):
     inputs = make_inputs(tmp_path / "in", files=3, lines=20)
     cfg = config(tmp_path, model_dir, inputs)
     mlmjob("infer", "-c", cfg, "--worker-index", 1, "--num-workers", 2, check=True)
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.done")) == ["part-1.done"]
+    done = sorted(p.name for p in (tmp_path / "out").glob("*.done"))
+    assert done == [f"{part_stem(inputs[1])}.done"]  # round-robin over the sorted inputs
     mlmjob("infer", "-c", cfg, "--worker-index", 0, "--num-workers", 2, check=True)
     assert_complete(tmp_path / "out", inputs, 20)
 
@@ -174,19 +192,21 @@ def test_end_to_end_through_s3(tmp_path, model_dir, s3_prefix):
     cfg = config(tmp_path, model_dir, [f"{s3_prefix}/in/*"], out=f"{s3_prefix}/out")
     mlmjob("infer", "-c", cfg, "--set", f"infer.model={s3_prefix}/model", check=True)
     files = storage.list_files(f"{s3_prefix}/out")
-    assert sorted(f.rsplit("/", 1)[1] for f in files) == [
-        "part-0.done",
-        "part-0.jsonl",
-        "part-1.done",
-        "part-1.jsonl",
-        "part-2.done",
-        "part-2.jsonl",
+    inputs = [f"{s3_prefix}/in/{n}" for n in ("extra.jsonl", "in-0.txt", "in-1.txt.gz")]
+    stems = [part_stem(u) for u in inputs]
+    assert sorted(f.rsplit("/", 1)[1] for f in files) == sorted(
+        f"{stem}{ext}" for stem in stems for ext in (".done", ".jsonl")
+    )
+    extra = [
+        json.loads(x) for x in storage.read_text(f"{s3_prefix}/out/{stems[0]}.jsonl").splitlines()
     ]
-    part0 = [json.loads(x) for x in storage.read_text(f"{s3_prefix}/out/part-0.jsonl").splitlines()]
-    assert part0[0]["masks"][0][0]["sequence"].endswith(" is blue.")
-    assert part0[1] == {"file": f"{s3_prefix}/in/extra.jsonl", "line": 2,
+    assert extra[0]["masks"][0][0]["sequence"].endswith(" is blue.")
+    assert extra[1] == {"file": inputs[0], "line": 2,
                         "error": "not a JSON object with a string 'text'"}  # fmt: skip
-    assert len(storage.read_text(f"{s3_prefix}/out/part-2.jsonl").splitlines()) == 10
+    assert len(storage.read_text(f"{s3_prefix}/out/{stems[2]}.jsonl").splitlines()) == 10
+    marker = json.loads(storage.read_text(f"{s3_prefix}/out/{stems[2]}.done"))
+    head = storage.client().head_object(Bucket="test", Key=inputs[2][len("s3://test/") :])
+    assert marker["fingerprint"] == {"size": head["ContentLength"], "etag": head["ETag"]}
 
 
 def test_missing_inputs_and_model_fail_with_one_line(tmp_path, model_dir):
@@ -203,4 +223,65 @@ def test_missing_inputs_and_model_fail_with_one_line(tmp_path, model_dir):
         proc.stderr.strip()
         .splitlines()[-1]
         .startswith(f"mlmjob: error: infer.model: cannot load '{tmp_path}/no-model'")
+    )
+
+
+def write_lines(path: Path, n: int, tag: str) -> None:
+    path.write_text("".join(f"{tag} line {i}: the <mask> is bright.\n" for i in range(n)))
+
+
+def test_parts_follow_inputs_added_removed_and_changed(tmp_path, model_dir):
+    """A part is keyed by its input (URI + fingerprint), not by its place in the list."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, n in [("b", 5), ("c", 6), ("d", 7)]:
+        write_lines(src / f"{name}.txt", n, name)
+    cfg = config(tmp_path, model_dir, [src / "*.txt"])
+    mlmjob("infer", "-c", cfg, check=True)
+    b_part = out / f"{part_stem(src / 'b.txt')}.jsonl"
+    b_mtime = b_part.stat().st_mtime_ns
+
+    write_lines(src / "a.txt", 3, "a")  # added: sorts first, shifting every position
+    (src / "d.txt").unlink()  # removed
+    write_lines(src / "c.txt", 9, "c2")  # changed
+    # two workers: b moves from worker 0 to worker 1, which must find it committed
+    runs = [mlmjob("infer", "-c", cfg, "--worker-index", i, "--num-workers", 2, check=True)
+            for i in (1, 0)]  # fmt: skip
+    assert "worker 1: 1 part(s) already committed" in runs[0].stderr
+
+    records = read_parts(out)
+    lines = Counter(r["file"] for r in records)
+    assert lines == {str(src / "a.txt"): 3, str(src / "b.txt"): 5, str(src / "c.txt"): 9}
+    assert len({(r["file"], r["line"]) for r in records}) == len(records)  # none twice
+    assert all(r["masks"][0][0]["sequence"].startswith("c2 ") for r in records
+               if r["file"] == str(src / "c.txt"))  # fmt: skip
+    current = {part_stem(src / f"{x}.txt") for x in "abc"}
+    assert {p.stem for p in out.glob("*.jsonl")} == {p.stem for p in out.glob("*.done")} == current
+    markers = [json.loads(p.read_text()) for p in out.glob("*.done")]
+    assert sorted(m["input"] for m in markers) == [str(src / f"{x}.txt") for x in "abc"]
+    assert b_part.stat().st_mtime_ns == b_mtime  # unchanged and committed: not rewritten
+
+
+def test_bf16_runs_on_cpu(tmp_path, model_dir):
+    src = tmp_path / "lines.txt"
+    src.write_text("\n".join(GOOD) + "\n")
+    cfg = config(tmp_path, model_dir, [src])
+    proc = mlmjob("infer", "-c", cfg, "--set", "infer.precision=bf16", check=True)
+    assert "precision bf16" in proc.stderr
+    out = read_parts(tmp_path / "out")
+    assert [(r["file"], r["line"]) for r in out] == [(str(src), n) for n in range(1, 6)]
+    for line, record in zip(GOOD, out, strict=True):
+        assert len(record["masks"]) == line.count("<mask>")
+        for row in record["masks"]:
+            assert [sorted(c) for c in row] == [["score", "sequence", "token", "token_str"]] * 3
+            scores = [c["score"] for c in row]
+            assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] <= scores[0] <= 1
+
+
+def test_bad_precision_is_refused_with_the_allowed_values(tmp_path, model_dir):
+    cfg = config(tmp_path, model_dir, [tmp_path / "x.txt"])
+    proc = mlmjob("infer", "-c", cfg, "--set", "infer.precision=fp16")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "mlmjob: error: key 'infer.precision' must be one of auto, bf16, fp32, got 'fp16'"
     )
