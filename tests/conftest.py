@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -11,7 +12,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -158,16 +161,14 @@ class S3Proxy:
     """
 
     def __init__(self, upstream: str):
-        from http.server import ThreadingHTTPServer
-        from urllib.parse import urlsplit
-
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
         self._failures: list[tuple[str, int]] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(self))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self.server.daemon_threads = True
+        self.server.proxy = self
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -193,89 +194,82 @@ class S3Proxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _arrived(self, method: str, path: str) -> tuple[str, int] | None:
+    def arrived(self, method: str, path: str) -> tuple[str, int] | None:
         """Count a request (before answering it, so a caller that has its answer sees the
         count) and say which failure to answer with, if any."""
-        from urllib.parse import unquote, urlsplit
-
         with self._lock:
             self._counts[(method, unquote(urlsplit(path).path))] += 1
             return self._failures.pop(0) if self._failures else None
 
 
-def _proxy_handler(proxy: S3Proxy):
-    import http.client
-    from http.server import BaseHTTPRequestHandler
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as boto3's connection pool expects
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as boto3's connection pool expects
+    def log_message(self, *args):  # quiet: pytest shows stderr of failing tests
+        pass
 
-        def log_message(self, *args):  # quiet: pytest shows stderr of failing tests
-            pass
-
-        def _body(self) -> bytes:
-            """The request body as sent, chunk framing included (boto3 streams aws-chunked
-            uploads with Transfer-Encoding: chunked)."""
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                raw = b""
-                while True:
-                    line = self.rfile.readline()
-                    raw += line
-                    size = int(line.split(b";")[0].strip(), 16)
-                    if size == 0:
-                        break
-                    raw += self.rfile.read(size + 2)
-                while True:  # trailers (the checksum), then the empty line
-                    line = self.rfile.readline()
-                    raw += line
-                    if line in (b"\r\n", b"\n", b""):
-                        return raw
+    def _body(self) -> bytes:
+        """The request body as sent, chunk framing included (boto3 streams aws-chunked
+        uploads with Transfer-Encoding: chunked)."""
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        raw = b""
+        while True:
+            line = self.rfile.readline()
+            raw += line
+            size = int(line.split(b";")[0].strip(), 16)
+            if size == 0:
+                break
+            raw += self.rfile.read(size + 2)
+        while True:  # trailers (the checksum), then the empty line
+            line = self.rfile.readline()
+            raw += line
+            if line in (b"\r\n", b"\n", b""):
+                return raw
 
-        def _forward(self) -> None:
-            body = self._body()
-            failure = proxy._arrived(self.command, self.path)
-            if failure:
-                return self._fail(*failure)
-            conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
-            try:
-                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                for name, value in self.headers.items():
-                    if name.lower() != "expect":  # this proxy already answered 100-continue
-                        conn.putheader(name, value)
-                conn.endheaders(body or None)
-                resp = conn.getresponse()
-                data = resp.read()
-                headers = resp.getheaders()
-            finally:
-                conn.close()
-            self.send_response_only(resp.status, resp.reason)
-            for name, value in headers:
-                if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                    self.send_header(name, value)
-            length = dict((k.lower(), v) for k, v in headers).get("content-length")
-            head = self.command == "HEAD"
-            self.send_header("Content-Length", length if head and length else str(len(data)))
-            self.end_headers()
-            if not head:
-                self.wfile.write(data)
+    def _forward(self) -> None:
+        proxy: S3Proxy = self.server.proxy
+        body = self._body()
+        failure = proxy.arrived(self.command, self.path)
+        if failure:
+            return self._fail(*failure)
+        conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() != "expect":  # this proxy already answered 100-continue
+                    conn.putheader(name, value)
+            conn.endheaders(body or None)
+            resp = conn.getresponse()
+            data = resp.read()
+            headers = resp.getheaders()
+        finally:
+            conn.close()
+        self.send_response_only(resp.status, resp.reason)
+        for name, value in headers:
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        length = {k.lower(): v for k, v in headers}.get("content-length")
+        head = self.command == "HEAD"  # a HEAD answer states the object's length, no body
+        self.send_header("Content-Length", length if head and length else str(len(data)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
 
-        def _fail(self, code: str, status: int) -> None:
-            body = (
-                '<?xml version="1.0" encoding="UTF-8"?>\n'
-                f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message>"
-                "<RequestId>s3-proxy</RequestId></Error>"
-            ).encode()
-            self.send_response_only(status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def _fail(self, code: str, status: int) -> None:
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message>"
+            "<RequestId>s3-proxy</RequestId></Error>"
+        ).encode()
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-    return Handler
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
 
 @pytest.fixture

@@ -221,3 +221,19 @@ def test_cli_wrong_key_on_a_fresh_client_exits_2(s3_proxy, s3_prefix, tmp_path):
         "check the credentials and the bucket policy of 'test'"
     )
     assert sum(s3_proxy.counts.values()) == 1  # no retry: retrying cannot fix a wrong key
+
+
+def test_s3_proxy_counts_concurrent_requests_exactly(s3_proxy, s3_prefix):
+    """The fixture other tests count requests with: every request counted once, by its
+    unquoted path, also when many arrive at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage.configure(endpoint_url=s3_proxy.endpoint)
+    uris = [f"{s3_prefix}/shard {i}.bin" for i in range(8)]
+    for uri in uris:
+        storage.write_bytes(uri, uri.encode())
+    s3_proxy.reset()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(storage.read_bytes, uris * 5))
+    assert got == [u.encode() for u in uris * 5]
+    assert s3_proxy.counts == {("GET", "/" + u[len("s3://") :]): 5 for u in uris}
