@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job.train.loop import PEAK_BF16_FLOPS  # noqa: E402
+from job.train.summary import PEAK_BF16_FLOPS  # noqa: E402
 from job.train.masking import mask_tokens  # noqa: E402
 from job.train.model import SparseMLM, flops_per_token  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,24 +175,24 @@ def test_two_process_ddp_and_deepspeed_agree(tmp_path, data_dir):
     assert [e["perplexity"] for e in a] == pytest.approx([e["perplexity"] for e in b], rel=1e-4)
 
 
-def assert_events_close(got: list[dict], want: list[dict]):
+def assert_events_close(got: list[dict], want: list[dict], rel=1e-5):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for k in w:
             if isinstance(w[k], float):
-                assert g[k] == pytest.approx(w[k], rel=1e-5), (k, g, w)
+                assert g[k] == pytest.approx(w[k], rel=rel), (k, g, w)
             else:
                 assert g[k] == w[k], (k, g, w)
 
 
-def assert_same_as(run: Path, reference: Path):
-    assert_events_close(without_timing(events(run)), without_timing(events(reference)))
-    assert_events_close(events(run, "eval"), events(reference, "eval"))
+def assert_same_as(run: Path, reference: Path, rel=1e-5, atol=1e-6):
+    assert_events_close(without_timing(events(run)), without_timing(events(reference)), rel)
+    assert_events_close(events(run, "eval"), events(reference, "eval"), rel)
     got, want = weights(run), weights(reference)
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got[k], want[k], rtol=rel, atol=atol, msg=k)
 
 
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, data_dir, reference):
@@ -242,9 +243,11 @@ def test_two_processes_resumed_with_one_continue_at_the_same_sample(tmp_path, da
         "process count changed from 2 to 1: continuing at global sample 48 of epoch 0"
         in again.stderr
     )
+    # max_steps=10 steps of the run's first global batch (8) = 80 samples: 8 steps of 4
     after = [e for e in events(run) if e["step"] > 6]
-    assert [e["samples"] for e in after] == [48 + 4 * k for k in range(1, 5)]
-    assert json.loads((run / "summary.json").read_text())["world_size"] == 1
+    assert [e["samples"] for e in after] == [48 + 4 * k for k in range(1, 9)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["train_samples"] == 80
 
 
 def test_uncommitted_or_truncated_latest_checkpoint_is_skipped(tmp_path, caplog, s3_prefix):
@@ -315,9 +318,16 @@ def test_train_applied_before_preprocess_waits_for_the_dataset(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 4
 
 
+NO_DROPOUT = ("model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
+              "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
+              "attention_probs_dropout_prob: 0.0}")  # fmt: skip
+
+
 def test_deepspeed_zero2_resume_matches_uninterrupted(tmp_path, data_dir):
-    """ZeRO-2 checkpoints hold one optimizer partition per rank: all must come back."""
-    sets = ("train.deepspeed=configs/deepspeed/zero2.json", "train.max_steps=12")
+    """ZeRO-2 checkpoints hold one optimizer partition per rank: all must come back, on the
+    same number of processes and, converted to a universal checkpoint, on another one.
+    Dropout is off so that 1 process x 8 samples computes what 2 x 4 do."""
+    sets = ("train.deepspeed=configs/deepspeed/zero2.json", "train.max_steps=12", NO_DROPOUT)
     ref = launch(config(tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *sets, nproc=2)
     assert ref.returncode == 0, ref.stderr[-3000:]
     cfg = config(tmp_path, data_dir, tmp_path / "run", "run.yaml")
@@ -326,19 +336,36 @@ def test_deepspeed_zero2_resume_matches_uninterrupted(tmp_path, data_dir):
     kill_all(proc)
     files = json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "COMMITTED.json").read_text())
     assert sum("optim_states" in f for f in files["files"]) == 2  # one partition per rank
+    only_step_6(tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "one")
     again = launch(cfg, *sets, nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     assert_same_as(tmp_path / "run", tmp_path / "ref")
 
+    # Before: ZeRORuntimeException "DP world size of 2 but the current world size is 1", exit 1
+    one = config(tmp_path, data_dir, tmp_path / "one", "one.yaml")
+    rescaled = launch(one, *sets, "train.per_device_batch_size=8", nproc=1)
+    assert rescaled.returncode == 0, rescaled.stderr[-3000:]
+    assert "to a universal checkpoint" in rescaled.stderr
+    # 1 x 8 sums a batch's gradient in another order than 2 x 4 all-reduced: rounding-level
+    # differences, which Adam turns into at most about one learning-rate step (1e-3) on
+    # weights whose gradient is near zero. Lost or misplaced optimizer state shows far more.
+    assert_same_as(tmp_path / "one", tmp_path / "ref", rel=1e-4, atol=2e-3)
+
+
+def only_step_6(run: Path) -> None:
+    """Leave step-6 as the newest committed checkpoint, as if killed right after it."""
+    for stale in (run / "checkpoints").glob("step-*"):
+        if stale.name != "step-6":
+            shutil.rmtree(stale)
+    (run / "summary.json").unlink(missing_ok=True)
+
 
 def test_gradient_accumulation_equals_data_parallel(tmp_path, data_dir):
     """1 process x 2 micro-batches of 4 = 2 processes x 4: same samples, same averaged
     gradient (dropout off: the two layouts draw dropout masks from different streams)."""
-    no_dropout = ("model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
-                  "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
-                  "attention_probs_dropout_prob: 0.0}")  # fmt: skip
-    sets = (no_dropout, "train.max_steps=8", "train.eval_every_steps=8")
+    sets = (NO_DROPOUT, "train.max_steps=8", "train.eval_every_steps=8")
     accum = launch(config(tmp_path, data_dir, tmp_path / "accum", "a.yaml"), *sets,
                    "train.gradient_accumulation_steps=2", nproc=1)  # fmt: skip
     assert accum.returncode == 0, accum.stderr[-3000:]
@@ -346,3 +373,113 @@ def test_gradient_accumulation_equals_data_parallel(tmp_path, data_dir):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert [e["samples"] for e in events(tmp_path / "accum")] == [8 * k for k in range(1, 9)]
     assert_same_as(tmp_path / "accum", tmp_path / "ddp")
+
+
+def optimizer_line(stderr: str) -> str:
+    (line,) = [ln for ln in stderr.splitlines() if "optimizer: AdamW" in ln]
+    return line.split("optimizer: ", 1)[1]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_zero3_decays_what_ddp_decays_and_trains_the_same(tmp_path, data_dir, nproc):
+    """Before: under ZeRO-3 every parameter was an empty 1-D partition when the optimizer
+    grouped them, so none had weight decay, and summary.parameters counted partitions."""
+    sets = ("train.max_grad_norm=1.0e9", "train.max_steps=12")  # DeepSpeed clips its own way
+    ddp = launch(config(tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), *sets, nproc=nproc)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    z3 = launch(config(tmp_path, data_dir, tmp_path / "z3", "z3.yaml"), *sets,
+                "train.deepspeed=configs/deepspeed/zero3.json", nproc=nproc)  # fmt: skip
+    assert z3.returncode == 0, z3.stderr[-3000:]
+    assert optimizer_line(z3.stderr) == optimizer_line(ddp.stderr)
+    assert optimizer_line(ddp.stderr).startswith("AdamW, weight decay on 16 tensors")
+    a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("ddp", "z3"))
+    assert a["parameters"] == b["parameters"] > 3_000_000  # the 50k x 64 embedding included
+    got, want = events(tmp_path / "z3"), events(tmp_path / "ddp")
+    assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-4)
+    got, want = events(tmp_path / "z3", "eval"), events(tmp_path / "ddp", "eval")
+    assert [e["perplexity"] for e in got] == pytest.approx(
+        [e["perplexity"] for e in want], rel=1e-4
+    )
+
+
+def blocks(data_dir, split="train") -> int:
+    (manifest,) = Path(data_dir).glob("*/manifest.json")
+    return json.loads(manifest.read_text())["splits"][split]["blocks"]
+
+
+@pytest.mark.parametrize("deepspeed", [None, "configs/deepspeed/zero2.json"])
+def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epochs(
+    tmp_path, data_dir, deepspeed
+):
+    """Before: the schedule was in steps, so halving the global batch at a resume trained
+    for ~2.6 of 2 epochs, and the learning rate jumped."""
+    sets = ["train.max_steps=null", "train.epochs=2", "train.eval_every_steps=null",
+            "train.checkpoint_every_steps=1000"]  # fmt: skip
+    if deepspeed:
+        sets.append(f"train.deepspeed={deepspeed}")
+    cfg = config(tmp_path, data_dir)
+    run = tmp_path / "run"
+    proc = start(cfg, *sets, nproc=2)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    stopped = checkpoint.latest(str(run))[0]
+    again = launch(cfg, *sets, nproc=1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    epoch_samples = blocks(data_dir) // 8 * 8  # drop_last with the run's first batch, 2 x 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_samples"] == 2 * epoch_samples  # as the uninterrupted run
+    assert summary["epochs"] == 2.0 and summary["world_size"] == 1
+    steps = events(run)
+    assert [e["step"] for e in steps] == list(range(1, len(steps) + 1))
+    assert [e["epoch"] for e in steps].count(1) > 0 and steps[-1]["epoch"] == 1
+    total, warmup = 2 * epoch_samples, 4 * 8
+    seen_before = 0
+    for e in steps:
+        batch = 8 if e["step"] <= stopped else 4
+        assert e["samples_seen"] == seen_before + batch, e
+        lr = 1e-3 * (seen_before / warmup if seen_before < warmup
+                     else (total - seen_before) / (total - warmup))  # fmt: skip
+        assert e["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-15), e
+        seen_before = e["samples_seen"]
+    assert seen_before == total
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, reference):
+    """Before: a checksum mismatch raised, so every retry failed on the same checkpoint."""
+    cfg = config(tmp_path, data_dir)
+    run = tmp_path / "run"
+    proc = start(cfg)
+    wait_for(lambda: (run / "checkpoints" / "step-12" / "COMMITTED.json").exists())
+    kill_all(proc)
+    for stale in (run / "checkpoints").glob("step-*"):
+        if stale.name not in ("step-6", "step-12"):
+            shutil.rmtree(stale)
+    damaged = run / "checkpoints" / "step-12" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-100:] = bytes(100)  # same size: only the checksum can tell
+    damaged.write_bytes(bytes(data))
+    again = launch(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"checkpoint {run}/checkpoints/step-12 is damaged (model.safetensors: checksum "
+            "mismatch); falling back to the previous one") in again.stderr  # fmt: skip
+    assert f"resuming from {run}/checkpoints/step-6" in again.stderr
+    assert_same_as(run, reference)
+
+
+def test_one_download_per_shard_for_the_ranks_of_a_node(tmp_path, data_dir, s3_prefix, s3_proxy):
+    """Before: every rank downloaded (and hashed) every shard: 8 GPUs, 8 copies a node."""
+    data = f"{s3_prefix}/data"
+    cfg = config(tmp_path, data_dir, run=f"{s3_prefix}/run")
+    mlmjob("preprocess", "-c", cfg, "--set", f"data.output={data}", "--set",
+           "data.shard_blocks=64", check=True)  # fmt: skip
+    s3_proxy.reset()
+    proc = launch(cfg, f"data.output={data}", "data.shard_blocks=64", "train.max_steps=2",
+                  f"data.cache_dir={tmp_path / 'cache'}", nproc=2, env=s3_proxy.env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shard_gets = {path: n for (method, path), n in s3_proxy.counts.items()
+                  if method == "GET" and path.endswith(".npy")}  # fmt: skip
+    n_shards = -(-blocks(data_dir, "train") // 64) + -(-blocks(data_dir, "test") // 64)
+    assert len(shard_gets) == n_shards > 2
+    assert set(shard_gets.values()) == {1}

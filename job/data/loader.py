@@ -1,7 +1,8 @@
 """Training-side reading of a block dataset: node-local cache, deterministic order.
 
-Shards are copied once to each node's disk (checksums verified; an atomic rename makes
-concurrent ranks safe without a barrier) and memory-mapped. The sample order of an
+Shards are copied once to each node's disk and memory-mapped: the node's first process
+downloads and verifies them while the node's other processes wait, then open the same
+files without hashing them again (`verify=False`). The sample order of an
 epoch is a permutation that depends only on (seed, epoch); a global batch is the next
 `global_batch` samples of it and rank r takes the r-th slice, so a run resumed at sample
 k continues with the same samples on any number of processes.
@@ -21,9 +22,10 @@ from job.log import log
 class BlockData:
     """The blocks of one split, addressable by global sample index."""
 
-    def __init__(self, manifest: Manifest, split: str, cache_dir: Path):
+    def __init__(self, manifest: Manifest, split: str, cache_dir: Path, verify: bool = True):
         self.arrays = [
-            load_shard(_fetch(manifest, shard, cache_dir), None) for shard in manifest.shards(split)
+            load_shard(_fetch(manifest, shard, cache_dir, verify), None)
+            for shard in manifest.shards(split)
         ]
         sizes = [len(a) for a in self.arrays]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -41,18 +43,19 @@ class BlockData:
         )
 
 
-def _fetch(manifest: Manifest, shard: dict, cache_dir: Path) -> str:
-    """A verified local copy of a shard (local datasets are read in place)."""
+def _fetch(manifest: Manifest, shard: dict, cache_dir: Path, verify: bool) -> str:
+    """A local copy of a shard (local datasets are read in place), verified when asked."""
     uri = storage.join(manifest.uri, shard["path"])
+    checksum = shard["sha256"] if verify else None
     if not storage.is_s3(uri):
         path = str(storage.local_path(uri))
-        load_shard(path, shard["sha256"])  # verify
+        load_shard(path, checksum)
         return path
     dataset_id = manifest.data["dataset_id"]
     local = Path(cache_dir) / "datasets" / dataset_id / shard["path"]
     if local.exists():
         try:
-            load_shard(str(local), shard["sha256"])
+            load_shard(str(local), checksum)
             return str(local)
         except ValueError:
             log.warning("cached %s is corrupt; downloading it again", local)

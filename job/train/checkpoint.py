@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from job import storage
@@ -37,8 +38,9 @@ def _steps(run_output: str) -> dict[int, list[str]]:
     return found
 
 
-def latest(run_output: str) -> tuple[int, str] | None:
-    """The newest complete checkpoint as (step, uri), or None."""
+def committed(run_output: str) -> list[tuple[int, str]]:
+    """Committed checkpoints whose files are all there at their sizes, newest first."""
+    found = []
     for step, files in sorted(_steps(run_output).items(), reverse=True):
         uri = storage.join(root(run_output), f"step-{step}")
         marker = storage.join(uri, COMMIT)
@@ -49,8 +51,14 @@ def latest(run_output: str) -> tuple[int, str] | None:
         if problem:
             log.warning("checkpoint %s is damaged (%s); skipping it", uri, problem)
             continue
-        return step, uri
-    return None
+        found.append((step, uri))
+    return found
+
+
+def latest(run_output: str) -> tuple[int, str] | None:
+    """The newest complete checkpoint as (step, uri), or None."""
+    found = committed(run_output)
+    return found[0] if found else None
 
 
 def _verify_sizes(uri: str, files: dict) -> str | None:
@@ -122,22 +130,78 @@ def prune(run_output: str, keep: int) -> None:
             storage.delete_prefix(uri)
 
 
-def load(accelerator, uri: str, staging: Path) -> dict:
-    """Collective: restore every rank from a committed checkpoint; returns train_state."""
+@dataclass
+class Restored:
+    """A verified checkpoint in the node-local staging folder, ready for `restore`."""
+
+    step: int
+    uri: str
+    local: Path
+    state: dict
+
+
+def fetch(accelerator, run_output: str, staging: Path) -> Restored | None:
+    """Collective: the newest checkpoint that every node downloads intact, or None.
+
+    One process per node downloads and checks every sha256; a checksum that does not match
+    on any node makes all ranks fall back to the previous checkpoint, as a missing marker
+    does: a retried pod must never fail again on the same damaged files."""
     local = staging / "resume"
-    if accelerator.is_local_main_process:
-        shutil.rmtree(local, ignore_errors=True)
-        files = json.loads(storage.read_text(storage.join(uri, COMMIT)))["files"]
-        for rel in files:
-            storage.download_file(storage.join(uri, rel), local / rel)
-        actual = _describe(local)
-        for rel, info in files.items():
-            if actual[rel]["sha256"] != info["sha256"]:
-                raise RuntimeError(f"{storage.join(uri, rel)}: checksum mismatch after download")
+    for step, uri in committed(run_output):
+        problem = None
+        if accelerator.is_local_main_process:
+            problem = _download_verified(uri, local)
+        if _any_rank(accelerator, problem is not None):
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", uri,
+                        problem or "on another node")  # fmt: skip
+            continue
+        return Restored(step, uri, local, json.loads((local / STATE).read_text()))
+    return None
+
+
+def _download_verified(uri: str, local: Path) -> str | None:
+    shutil.rmtree(local, ignore_errors=True)
+    files = json.loads(storage.read_text(storage.join(uri, COMMIT)))["files"]
+    for rel in files:
+        storage.download_file(storage.join(uri, rel), local / rel)
+    actual = _describe(local)
+    for rel, info in files.items():
+        if actual[rel]["sha256"] != info["sha256"]:
+            return f"{rel}: checksum mismatch"
+    return None
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    import torch
+
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return bool(t.item() > 0)
+
+
+def restore(accelerator, restored: Restored) -> None:
+    """Collective: load model, optimizer and RNG states from a fetched checkpoint."""
+    accelerator.load_state(str(restored.local))
     accelerator.wait_for_everyone()
-    accelerator.load_state(str(local))
-    state = json.loads((local / STATE).read_text())
-    accelerator.wait_for_everyone()
     if accelerator.is_local_main_process:
-        shutil.rmtree(local, ignore_errors=True)
-    return state
+        shutil.rmtree(restored.local, ignore_errors=True)
+
+
+def to_universal(local: Path) -> None:
+    """Rewrite a fetched DeepSpeed ZeRO checkpoint as a universal checkpoint, which
+    DeepSpeed loads on any number of processes (`checkpoint.load_universal`).
+
+    Node-local main process only. DeepSpeed's own converter does the resharding; its
+    command line is the documented interface, called here in-process."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    source, target = local / "pytorch_model", local / "pytorch_model.universal"
+    shutil.rmtree(target, ignore_errors=True)
+    ds_to_universal(Namespace(input_folder=str(source), output_folder=str(target),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True))  # fmt: skip
+    shutil.rmtree(source)
+    target.rename(source)

@@ -1,172 +1,158 @@
 """`mlmjob train`: the training loop (accelerate; DDP by default, DeepSpeed on request).
 
 Restartable by construction: everything that decides what happens next (weights,
-optimizer, RNG, step, epoch, position in the epoch, the loss window being logged) is in
-the checkpoint, and masks and sample order are pure functions of (seed, epoch, sample),
-so a resubmitted job continues exactly where the last committed checkpoint left it.
+optimizer, RNG, the TrainState) is in the checkpoint, and masks and sample order are pure
+functions of (seed, epoch, sample), so a resubmitted job continues exactly where the last
+committed checkpoint left it, on the same or another number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
-from job import storage
+from job import env, storage
 from job.config import Config, dump_yaml
+from job.data.blocks import load_tokenizer, tokenizer_sha256
+from job.data.loader import BlockData, batch_ids, epoch_order
+from job.data.preprocess import dataset_uri
+from job.data.shards import read_manifest
 from job.errors import EXIT_OK, EXIT_PREEMPTED, BadInput
 from job.log import bar, log
-
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L4": 121e12, "A10G": 125e12, "V100": 125e12}  # fmt: skip
-
-
-class Preemption:
-    """SIGTERM sets a flag; ranks agree on it with an all-reduce at each step's end."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        if not self.requested:
-            log.warning("SIGTERM: finishing this step, then checkpointing")
-        self.requested = True
-
-    def agreed(self, accelerator) -> bool:
-        import torch
-
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+from job.train import checkpoint
+from job.train.accel import Preemption, build_accelerator, load_universal
+from job.train.metrics import Metrics, write_summary
+from job.train.schedule import Schedule
+from job.train.state import TrainState
+from job.train.summary import device_name, mfu
 
 
-def _accelerator(cfg: Config):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-    t = cfg.train
-    cuda = torch.cuda.is_available()
-    precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise BadInput(f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
-    kwargs = {
-        "mixed_precision": "bf16" if precision == "bf16" else "no",
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        # cpu=True would make accelerate skip DeepSpeed; on a CPU-only machine it picks the
-        # CPU by itself (DS_ACCELERATOR=cpu, gloo below).
-        "cpu": not cuda and not t.deepspeed,
-    }
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or t.deepspeed
-    if not cuda and distributed:  # gloo: else DeepSpeed on CPU thinks each process is alone
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    if t.deepspeed:
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg, precision))
-    return Accelerator(**kwargs), precision
+def should_log(step: int, every: int, last: bool) -> bool:
+    return step % every == 0 or last
 
 
-def _deepspeed_config(cfg: Config, precision: str) -> dict:
-    t = cfg.train
-    try:
-        ds = json.loads(storage.read_text(t.deepspeed))
-    except FileNotFoundError:
-        raise BadInput(f"train.deepspeed: '{t.deepspeed}' does not exist") from None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{t.deepspeed}:{e.lineno}: invalid JSON: {e.msg}") from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
-    ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
-    ds["train_batch_size"] = t.per_device_batch_size * t.gradient_accumulation_steps * world
-    ds["gradient_clipping"] = t.max_grad_norm
-    ds["bf16"] = {"enabled": precision == "bf16"}
-    ds["zero_allow_untested_optimizer"] = True  # torch's (fused) AdamW as the client optimizer
-    return ds
+def should_eval(step: int, every: int | None, epoch_end: bool) -> bool:
+    """Every `every` steps, or at each epoch's end when `every` is None."""
+    return bool(every and step % every == 0) or (epoch_end and every is None)
 
 
-def _optimizer(model, cfg: Config):
-    import torch
-
-    # As the Trainer in the tutorial: no weight decay on biases and LayerNorm weights.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
-    # Fused AdamW: one kernel per step on GPU, and ~7x faster than foreach on CPU too.
-    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=True)
-
-
-def lr_at(step: int, cfg: Config, total_steps: int) -> float:
-    """Linear warmup, then linear decay to 0: get_linear_schedule_with_warmup, as the Trainer
-    applies it (`step` optimizer steps done so far, so the first step runs at 0 with warmup)."""
-    warmup = cfg.train.warmup_steps
-    if step < warmup:
-        return cfg.train.learning_rate * step / warmup
-    return cfg.train.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+def should_checkpoint(step: int, every: int, epoch_end: bool) -> bool:
+    return step % every == 0 or epoch_end
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         import torch
 
-        from job.data.blocks import load_tokenizer, tokenizer_sha256
-        from job.data.loader import BlockData
-        from job.data.preprocess import dataset_uri
-        from job.data.shards import read_manifest
-        from job.train.model import SparseMLM, compile_layers, load_model
-
         self.cfg = cfg
         t = cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        if t.deepspeed:
-            os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
-            if not torch.cuda.is_available():
-                os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        data_uri = cfg.data.dataset or dataset_uri(cfg, self.tok)
-        storage.wait_for(storage.join(data_uri, "manifest.json"), _wait_seconds(), "the dataset")
-        self.manifest = read_manifest(data_uri)
-        if self.manifest.data["tokenizer_sha256"] != tokenizer_sha256(self.tok):
-            raise BadInput(
-                f"model.tokenizer: '{cfg.tokenizer}' differs from the dataset's tokenizer "
-                f"'{self.manifest.data['tokenizer']}' ({self.manifest.uri})"
-            )
-        self.accelerator, self.precision = _accelerator(cfg)
-        acc = self.accelerator
-        self.world, self.rank = acc.num_processes, acc.process_index
-        self.train_data = BlockData(self.manifest, "train", cfg.cache_dir)
-        self.eval_data = (BlockData(self.manifest, "test", cfg.cache_dir)
-                          if self.manifest.blocks("test") else None)  # fmt: skip
+        self.manifest = self._manifest()
         self.block = self.manifest.block_size
-        self.global_batch = t.per_device_batch_size * self.world * t.gradient_accumulation_steps
-        self.steps_per_epoch = len(self.train_data) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise BadInput(
-                f"{self.manifest.uri}: {len(self.train_data)} train blocks are fewer than one "
-                f"global batch of {self.global_batch}; lower train.per_device_batch_size"
-            )
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.run.seed)  # the same initial weights (and dropout stream) in every run
-        self.model = load_model(cfg.model, self.tok, cfg.cache_dir, self.block)
-        if t.compile:
-            compile_layers(self.model)
-        wrapper = SparseMLM(self.model)
-        self.wrapper, self.optimizer = acc.prepare(wrapper, _optimizer(wrapper, cfg))
-        self.special = np.asarray(sorted(set(self.tok.all_special_ids)), dtype=np.int64)
         run_key = hashlib.sha256(cfg.run.output.encode()).hexdigest()[:16]
         self.staging = cfg.cache_dir / "staging" / run_key
+        self.accelerator, self.precision = build_accelerator(cfg)
+        acc = self.accelerator
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.global_batch = t.per_device_batch_size * self.world * t.gradient_accumulation_steps
+        self.restored = checkpoint.fetch(acc, cfg.run.output, self.staging)
+        self.state = TrainState(base_batch=self.global_batch, world_size=self.world)
+        if self.restored:
+            self.state.load_state_dict(self.restored.state)
+            self._rescale()
+        self._load_data()
+        self.schedule = Schedule.build(t, len(self.train_data), self.state.base_batch)
+        self._build_model()
+        self.special = np.asarray(sorted(set(self.tok.all_special_ids)), dtype=np.int64)
+
+    # ---- set-up ----------------------------------------------------------------------
+
+    def _manifest(self):
+        data_uri = self.cfg.data.dataset or dataset_uri(self.cfg, self.tok)
+        storage.wait_for(storage.join(data_uri, "manifest.json"), env.wait_seconds(), "the dataset")
+        manifest = read_manifest(data_uri)
+        if manifest.data["tokenizer_sha256"] != tokenizer_sha256(self.tok):
+            raise BadInput(
+                f"model.tokenizer: '{self.cfg.tokenizer}' differs from the dataset's tokenizer "
+                f"'{manifest.data['tokenizer']}' ({manifest.uri})"
+            )
+        return manifest
+
+    def _rescale(self) -> None:
+        """A checkpoint written by another number of processes: the schedule is in samples,
+        so only DeepSpeed's partitioned optimizer state needs converting."""
+        st, acc = self.state, self.accelerator
+        if st.world_size == self.world:
+            return
+        log.warning("process count changed from %d to %d: continuing at global sample %d of "
+                    "epoch %d", st.world_size, self.world, st.sample, st.epoch)  # fmt: skip
+        if self.cfg.train.deepspeed:
+            if acc.is_local_main_process:
+                log.info("converting %s to a universal checkpoint", self.restored.uri)
+                checkpoint.to_universal(self.restored.local)
+            acc.wait_for_everyone()
+            load_universal(acc)
+        st.world_size = self.world
+
+    def _load_data(self) -> None:
+        acc, cache = self.accelerator, self.cfg.cache_dir
+        # One process per node downloads and verifies the shards; the others wait, then
+        # map the same files.
+        with acc.local_main_process_first():
+            verify = acc.is_local_main_process
+            self.train_data = BlockData(self.manifest, "train", cache, verify)
+            has_test = bool(self.manifest.blocks("test"))
+            self.eval_data = BlockData(self.manifest, "test", cache, verify) if has_test else None
+        if len(self.train_data) < self.state.base_batch:
+            raise BadInput(
+                f"{self.manifest.uri}: {len(self.train_data)} train blocks are fewer than one "
+                f"global batch of {self.state.base_batch}; lower train.per_device_batch_size"
+            )
+
+    def _build_model(self) -> None:
+        from accelerate.utils import set_seed
+
+        from job.train.model import SparseMLM, compile_layers, load_model
+        from job.train.optim import build_optimizer
+
+        cfg = self.cfg
+        set_seed(cfg.run.seed)  # the same initial weights (and dropout stream) in every run
+        with self._full_weights():
+            self.model = load_model(cfg.model, self.tok, cfg.cache_dir, self.block)
+        if cfg.train.compile:
+            compile_layers(self.model)
+        wrapper = SparseMLM(self.model)
+        optimizer, groups = build_optimizer(wrapper, cfg.train)
+        log.info("optimizer: AdamW, %s", groups.describe())
+        self.wrapper, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
+        if self.restored:
+            log.info("resuming from %s", self.restored.uri)
+            checkpoint.restore(self.accelerator, self.restored)
+
+    @contextmanager
+    def _full_weights(self):
+        """Build the model whole, also under ZeRO-3, and let DeepSpeed partition it in
+        `prepare`: under `zero.Init` the random initialisation draws differently, so the
+        same seed would give ZeRO-3 other initial weights than DDP. The masked LMs this job
+        trains fit in one process's memory many times over. (accelerate's
+        `zero3_init_context_manager` leaves transformers' ZeRO-3 switch on, hence this.)"""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -218,238 +204,220 @@ class Trainer:
         self.wrapper.train()
         loss_sum, count = self._sum_across_ranks(loss_sum, count)
         eval_loss = loss_sum / max(count, 1.0)
-        return {
-            "eval_loss": eval_loss,
-            "perplexity": math.exp(eval_loss),
-            "eval_tokens": int(count),
-        }
+        return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss),
+                "eval_tokens": int(count)}  # fmt: skip
 
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        self._begin()
+        while not self.finished():
+            self.train_step()
+            last = self.finished()
+            self.maybe_log(last)
+            epoch_end = not last and self.maybe_next_epoch()
+            self.maybe_eval(epoch_end)
+            self.maybe_checkpoint(epoch_end)
+            if self.preemption.agreed(self.accelerator):
+                return self._preempted()
+            self.mark = time.perf_counter()
+        self.progress.close()
+        if (self.state.last_eval or {}).get("step") != self.state.step:
+            self.run_eval()
+        self._finish()
+        return EXIT_OK
+
+    def finished(self) -> bool:
+        st = self.state
+        return self.schedule.finished(st.samples_seen, st.epoch, st.sample, self.global_batch)
+
+    def _begin(self) -> None:
         import torch
 
-        from job.data.loader import batch_ids, epoch_order
-        from job.train import checkpoint
-        from job.train.metrics import Metrics
-
-        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        cfg, st, acc = self.cfg, self.state, self.accelerator
         out = cfg.run.output
-        # train_seconds counts time inside training steps only (as the Trainer's
-        # train_runtime leaves out evaluation); wall_seconds counts everything.
-        state = {"step": 0, "epoch": 0, "sample": 0, "tokens": 0, "train_seconds": 0.0,
-                 "wall_seconds": 0.0, "window_seconds": 0.0,
-                 "window_loss": 0.0, "window_tokens": 0.0, "last_eval": None}  # fmt: skip
-        state["world_size"] = self.world
-        found = checkpoint.latest(out)
-        if found:
-            log.info("resuming from %s", found[1])
-            state.update(checkpoint.load(acc, found[1], self.staging))
-            resumed_world, state["world_size"] = state["world_size"], self.world
-            if resumed_world != self.world:
-                log.warning("process count changed from %d to %d: continuing at global sample "
-                            "%d of epoch %d", resumed_world, self.world, state["sample"],
-                            state["epoch"])  # fmt: skip
-        elif acc.is_main_process:
+        if not self.restored and acc.is_main_process:
             storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-        metrics = Metrics(out, state["step"] if found else None) if acc.is_main_process else None
-        preemption = Preemption()
-        B, A = t.per_device_batch_size, t.gradient_accumulation_steps
-        n_train = len(self.train_data)
-        progress = bar(total=self.total_steps, initial=state["step"], desc="train", unit=" step")
-        start = time.perf_counter()
-        wall_before = state["wall_seconds"]
-        log.info(
-            "training: %d processes, global batch %d x %d tokens, %d steps/epoch, %d steps, "
-            "precision %s%s", self.world, self.global_batch, self.block, self.steps_per_epoch,
-            self.total_steps, self.precision, ", DeepSpeed " + t.deepspeed if t.deepspeed else "",
-        )  # fmt: skip
-
-        saved_at = [state["step"] if found else None]
-
-        def save_checkpoint():
-            if saved_at[0] == state["step"]:
-                return
-            saved_at[0] = state["step"]
-            state["wall_seconds"] = wall_before + time.perf_counter() - start
-            if metrics:
-                metrics.flush()
-            checkpoint.save(acc, out, state["step"], state, self.staging, t.keep_checkpoints)
-
-        def run_eval():
-            if self.eval_data is None:
-                return
-            result = self.evaluate()
-            state["last_eval"] = {**result, "step": state["step"]}
-            if metrics:
-                metrics.log(
-                    {"event": "eval", "step": state["step"], "epoch": state["epoch"], **result}
-                )
-                metrics.flush()
-                metrics.plot()
-            log.info("step %d: eval loss %.4f, perplexity %.3f", state["step"],
-                     result["eval_loss"], result["perplexity"])  # fmt: skip
-
-        order = epoch_order(n_train, cfg.run.seed, state["epoch"])
+        resume_step = st.step if self.restored else None
+        self.metrics = Metrics(out, resume_step) if acc.is_main_process else None
+        self.preemption = Preemption()
+        self.saved_at = resume_step
+        if not self.finished():
+            self.maybe_next_epoch()  # resumed with a larger batch than the epoch has left
+        self.order = epoch_order(len(self.train_data), cfg.run.seed, st.epoch)
         # Loss sums stay on the device between log steps: no host sync in a plain step.
-        window = torch.tensor([state["window_loss"], state["window_tokens"]],
-                              dtype=torch.float64, device=acc.device)  # fmt: skip
+        self.window = torch.tensor([st.window_loss, st.window_tokens], dtype=torch.float64,
+                                   device=acc.device)  # fmt: skip
+        s = self.schedule
+        left = max(0, s.total_samples - st.samples_seen) // self.global_batch
+        self.progress = bar(total=st.step + left, initial=st.step, desc="train", unit=" step")
+        self.start = self.mark = time.perf_counter()
+        self.wall_before = st.wall_seconds
+        log.info("training: %d processes, global batch %d x %d tokens, %d samples in all "
+                 "(%s of %d), precision %s%s", self.world, self.global_batch, self.block,
+                 s.total_samples, f"{s.epochs} epochs" if s.epochs else "max_steps",
+                 s.epoch_samples, self.precision,
+                 ", DeepSpeed " + cfg.train.deepspeed if cfg.train.deepspeed else "")  # fmt: skip
 
-        def save_window():
-            state["window_loss"], state["window_tokens"] = window.tolist()
+    def train_step(self) -> None:
+        import torch
 
-        mark = time.perf_counter()  # end of the last step (or of eval/checkpoint work)
+        st, t, acc = self.state, self.cfg.train, self.accelerator
+        self.lr = self.schedule.lr(st.samples_seen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        B, A = t.per_device_batch_size, t.gradient_accumulation_steps
+        for m in range(A):
+            ids = batch_ids(self.order, st.sample + m * B * self.world, self.rank, B)
+            inputs, labels = self._batch(ids, st.epoch, self.train_data)
+            ctx = acc.accumulate(self.wrapper) if A > 1 else nullcontext()
+            with ctx:
+                loss_sum, n = self.wrapper(inputs, labels)
+                acc.backward(loss_sum / n.clamp(min=1))
+                if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
+                    acc.clip_grad_norm_(self.wrapper.parameters(), t.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.window += torch.stack([loss_sum.detach().double(), n.double()])
+        st.step += 1
+        st.sample += self.global_batch
+        st.samples_seen += self.global_batch
+        st.tokens += self.global_batch * self.block
+        seconds = time.perf_counter() - self.mark
+        st.train_seconds += seconds
+        st.window_seconds += seconds
+        self.progress.update(1)
 
-        def epoch_done() -> bool:
-            """Not enough samples left for a global batch: the epoch ends (the rest dropped)."""
-            return state["sample"] + self.global_batch > n_train
+    def maybe_log(self, last: bool) -> None:
+        st, t = self.state, self.cfg.train
+        if not should_log(st.step, t.log_every_steps, last):
+            return
+        loss_sum, tokens = self._sum_across_ranks(*self.window.tolist())  # syncs
+        self.window.zero_()
+        window_steps = (st.step - 1) % t.log_every_steps + 1
+        rate = window_steps * self.global_batch * self.block / max(st.window_seconds, 1e-9)
+        st.window_seconds = 0.0
+        loss = loss_sum / max(tokens, 1.0)
+        self.progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        if self.metrics:
+            self.metrics.log({"event": "train", "step": st.step, "epoch": st.epoch,
+                              "samples": st.sample, "samples_seen": st.samples_seen,
+                              "loss": loss, "lr": self.lr, "tokens_per_s": rate})  # fmt: skip
+            if not storage.is_s3(self.cfg.run.output):
+                self.metrics.flush()
 
-        def next_epoch():
-            state["epoch"] += 1
-            state["sample"] = 0
-            return epoch_order(n_train, cfg.run.seed, state["epoch"])
+    def maybe_next_epoch(self) -> bool:
+        """Turn to the next epoch when this one has no room for another global batch (the
+        rest is dropped). Before any checkpoint of the step: a checkpoint holds the state
+        the next step starts from."""
+        st = self.state
+        if not self.schedule.epoch_over(st.sample, self.global_batch):
+            return False
+        st.epoch += 1
+        st.sample = 0
+        self.order = epoch_order(len(self.train_data), self.cfg.run.seed, st.epoch)
+        return True
 
-        if epoch_done():  # resumed with a larger global batch than the epoch has left
-            order = next_epoch()
-        while state["step"] < self.total_steps:
-            lr = lr_at(state["step"], cfg, self.total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            for m in range(A):
-                ids = batch_ids(order, state["sample"] + m * B * self.world, self.rank, B)
-                inputs, labels = self._batch(ids, state["epoch"], self.train_data)
-                ctx = acc.accumulate(self.wrapper) if A > 1 else nullcontext()
-                with ctx:
-                    loss_sum, n = self.wrapper(inputs, labels)
-                    acc.backward(loss_sum / n.clamp(min=1))
-                    if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
-                        acc.clip_grad_norm_(self.wrapper.parameters(), t.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                window += torch.stack([loss_sum.detach().double(), n.double()])
-            state["step"] += 1
-            state["sample"] += self.global_batch
-            state["tokens"] += self.global_batch * self.block
-            log_now = state["step"] % t.log_every_steps == 0 or state["step"] == self.total_steps
-            if log_now:
-                loss_sum_all, tokens_all = self._sum_across_ranks(*window.tolist())  # syncs
-                window.zero_()
-            step_seconds = time.perf_counter() - mark
-            state["train_seconds"] += step_seconds
-            state["window_seconds"] += step_seconds
-            progress.update(1)
-            if log_now:
-                window_steps = (state["step"] - 1) % t.log_every_steps + 1
-                rate = window_steps * self.global_batch * self.block / state["window_seconds"]
-                state["window_seconds"] = 0.0
-                loss = loss_sum_all / max(tokens_all, 1.0)
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                if metrics:
-                    metrics.log({"event": "train", "step": state["step"], "epoch": state["epoch"],
-                                 "samples": state["sample"], "loss": loss, "lr": lr,
-                                 "tokens_per_s": rate})  # fmt: skip
-                    if not storage.is_s3(out):
-                        metrics.flush()
-            # The epoch turns over before any checkpoint of this step, so a checkpoint holds
-            # the state the next step starts from.
-            epoch_end = epoch_done() and state["step"] < self.total_steps
-            if epoch_end:
-                order = next_epoch()
-            every = t.eval_every_steps
-            if (every and state["step"] % every == 0) or (epoch_end and every is None):
-                run_eval()
-            if state["step"] % t.checkpoint_every_steps == 0 or epoch_end:
-                save_window()
-                save_checkpoint()
-            if preemption.agreed(acc):
-                save_window()
-                save_checkpoint()
-                log.warning("preempted at step %d: checkpoint committed, exiting %d",
-                            state["step"], EXIT_PREEMPTED)  # fmt: skip
-                acc.end_training()
-                return EXIT_PREEMPTED
-            mark = time.perf_counter()
-        progress.close()
-        if self.eval_data is not None and (state["last_eval"] or {}).get("step") != state["step"]:
-            run_eval()
-        state["wall_seconds"] = wall_before + time.perf_counter() - start
-        self._finish(state, metrics)
-        acc.end_training()
-        return EXIT_OK
+    def maybe_eval(self, epoch_end: bool) -> None:
+        if should_eval(self.state.step, self.cfg.train.eval_every_steps, epoch_end):
+            self.run_eval()
+
+    def run_eval(self) -> None:
+        if self.eval_data is None:
+            return
+        st = self.state
+        result = self.evaluate()
+        st.last_eval = {**result, "step": st.step}
+        if self.metrics:
+            self.metrics.log({"event": "eval", "step": st.step, "epoch": st.epoch, **result})
+            self.metrics.flush()
+            self.metrics.plot()
+        log.info("step %d: eval loss %.4f, perplexity %.3f", st.step, result["eval_loss"],
+                 result["perplexity"])  # fmt: skip
+
+    def maybe_checkpoint(self, epoch_end: bool) -> None:
+        if should_checkpoint(self.state.step, self.cfg.train.checkpoint_every_steps, epoch_end):
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        st, t = self.state, self.cfg.train
+        if self.saved_at == st.step:
+            return
+        self.saved_at = st.step
+        st.window_loss, st.window_tokens = self.window.tolist()
+        st.wall_seconds = self.wall_before + time.perf_counter() - self.start
+        if self.metrics:
+            self.metrics.flush()
+        checkpoint.save(self.accelerator, self.cfg.run.output, st.step, st.state_dict(),
+                        self.staging, t.keep_checkpoints)  # fmt: skip
+
+    def _preempted(self) -> int:
+        self.save_checkpoint()
+        log.warning("preempted at step %d: checkpoint committed, exiting %d", self.state.step,
+                    EXIT_PREEMPTED)  # fmt: skip
+        self.accelerator.end_training()
+        return EXIT_PREEMPTED
 
     # ---- outputs ---------------------------------------------------------------------
 
-    def _finish(self, state: dict, metrics) -> None:
-        acc, cfg = self.accelerator, self.cfg
-        out = cfg.run.output
+    def _finish(self) -> None:
+        acc, st = self.accelerator, self.state
+        st.wall_seconds = self.wall_before + time.perf_counter() - self.start
         state_dict = acc.get_state_dict(self.wrapper)  # gathers ZeRO-3 partitions
         if acc.is_main_process:
-            local = self.staging / "model"
-            model = acc.unwrap_model(self.wrapper).model
-            model.save_pretrained(local, state_dict={k.removeprefix("model."): v
-                                                     for k, v in state_dict.items()})  # fmt: skip
-            self.tok.save_pretrained(local)
-            storage.delete_prefix(storage.join(out, "model"))
-            storage.upload_dir(local, storage.join(out, "model"))
-            ev = state["last_eval"] or {}
-            seconds = state["train_seconds"]
-            tps = state["tokens"] / max(seconds, 1e-9)
-            device = acc.device
-            summary = {
-                "perplexity": ev.get("perplexity"),
-                "eval_loss": ev.get("eval_loss"),
-                "train_tokens": state["tokens"],
-                "train_seconds": round(seconds, 3),
-                "wall_seconds": round(state["wall_seconds"], 3),
-                "tokens_per_second": round(tps, 1),
-                "world_size": self.world,
-                "global_step": state["step"],
-                "epochs": round(state["step"] / self.steps_per_epoch, 4),
-                "dataset_id": self.manifest.data["dataset_id"],
-                "final_train_loss": next(
-                    (e["loss"] for e in reversed(metrics.events) if e["event"] == "train"), None
-                ),  # fmt: skip
-                "device": _device_name(device),
-                "precision": self.precision,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "mfu": _mfu(
-                    model.config, self.block, cfg.train.mlm_probability, tps, self.world, device
-                ),  # fmt: skip
-                "gpu_hours": round(state["wall_seconds"] * self.world / 3600, 4)
-                if device.type == "cuda"
-                else 0.0,
-                "model": storage.join(out, "model"),
-            }
-            metrics.flush()
-            metrics.plot()
-            from job.train.metrics import write_summary
-
-            write_summary(out, summary)
+            self._save_model(state_dict)
+            summary = self._summary()
+            self.metrics.flush()
+            self.metrics.plot()
+            write_summary(self.cfg.run.output, summary)
             log.info("done: perplexity %s after %d steps, %.0f tokens/s -> %s",
-                     summary["perplexity"], state["step"], tps, out)  # fmt: skip
+                     summary["perplexity"], st.step, summary["tokens_per_second"],
+                     self.cfg.run.output)  # fmt: skip
         acc.wait_for_everyone()
+        acc.end_training()
 
+    def _save_model(self, state_dict: dict) -> None:
+        out = self.cfg.run.output
+        local = self.staging / "model"
+        model = self.accelerator.unwrap_model(self.wrapper).model
+        model.save_pretrained(local, state_dict={k.removeprefix("model."): v
+                                                 for k, v in state_dict.items()})  # fmt: skip
+        self.tok.save_pretrained(local)
+        storage.delete_prefix(storage.join(out, "model"))
+        storage.upload_dir(local, storage.join(out, "model"))
 
-def _device_name(device) -> str:
-    import torch
+    def _summary(self) -> dict:
+        from job.train.optim import count_parameters
 
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _mfu(config, seq_len, mask_fraction, tokens_per_s, world, device) -> float | None:
-    from job.train.model import flops_per_token
-
-    name = _device_name(device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    if peak is None:
-        return None
-    achieved = flops_per_token(config, seq_len, mask_fraction) * tokens_per_s
-    return round(achieved / (peak * world), 4)
-
-
-def _wait_seconds() -> float:
-    """MLMJOB_WAIT_SECONDS: how long a Job waits for its input (the k8s manifests set it)."""
-    return float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
+        st, cfg, device = self.state, self.cfg, self.accelerator.device
+        ev = st.last_eval or {}
+        tps = st.tokens / max(st.train_seconds, 1e-9)
+        model = self.accelerator.unwrap_model(self.wrapper).model
+        train = [e for e in self.metrics.events if e["event"] == "train"]
+        return {
+            "perplexity": ev.get("perplexity"),
+            "eval_loss": ev.get("eval_loss"),
+            "train_tokens": st.tokens,
+            "train_samples": st.samples_seen,
+            "train_seconds": round(st.train_seconds, 3),
+            "wall_seconds": round(st.wall_seconds, 3),
+            "tokens_per_second": round(tps, 1),
+            "world_size": self.world,
+            "global_step": st.step,
+            "epochs": round(st.samples_seen / self.schedule.epoch_samples, 4),
+            "dataset_id": self.manifest.data["dataset_id"],
+            "final_train_loss": train[-1]["loss"] if train else None,
+            "device": device_name(device),
+            "precision": self.precision,
+            "parameters": count_parameters(model),
+            "mfu": mfu(
+                model.config, self.block, cfg.train.mlm_probability, tps, self.world, device
+            ),  # fmt: skip
+            "gpu_hours": round(st.wall_seconds * self.world / 3600, 4)
+            if device.type == "cuda"
+            else 0.0,  # fmt: skip
+            "model": storage.join(cfg.run.output, "model"),
+        }
 
 
 def train(cfg: Config) -> int:

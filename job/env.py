@@ -1,0 +1,31 @@
+"""The one place that reads the process environment torchrun and Kubernetes set."""
+
+from __future__ import annotations
+
+import os
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wait_seconds() -> float:
+    """MLMJOB_WAIT_SECONDS: how long a Job waits for its input (the k8s manifests set it)."""
+    return float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
+
+
+def worker(index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """Worker index and count: given, else the Indexed Job's environment, else 0 of 1."""
+    if index is None:
+        index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    if count is None:
+        count = int(os.environ.get("MLMJOB_NUM_WORKERS", "1"))
+    return index, count

@@ -1,0 +1,53 @@
+"""The learning-rate schedule and the length of training, both measured in samples.
+
+Steps are the wrong unit once a run can be resumed on another number of processes: the
+global batch changes, and a schedule in steps would jump (and train for more epochs than
+configured). Everything here is in samples of the *base* batch, the global batch the run
+started with; with a constant batch it equals the Trainer's schedule step for step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from job.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Schedule:
+    learning_rate: float
+    warmup_samples: int
+    total_samples: int
+    epoch_samples: int  # each epoch trains on this many samples of its permutation
+    epochs: int | None  # None when train.max_steps sets the length
+
+    @classmethod
+    def build(cls, t: TrainConfig, n_train: int, base_batch: int) -> Schedule:
+        # drop_last as the Trainer does, fixed by the base batch: an epoch is the same
+        # samples whatever batch a resumed run uses.
+        epoch_samples = n_train // base_batch * base_batch
+        if t.max_steps:
+            return cls(t.learning_rate, t.warmup_steps * base_batch,
+                       t.max_steps * base_batch, epoch_samples, None)  # fmt: skip
+        return cls(t.learning_rate, t.warmup_steps * base_batch,
+                   t.epochs * epoch_samples, epoch_samples, t.epochs)  # fmt: skip
+
+    def lr(self, seen: int) -> float:
+        """get_linear_schedule_with_warmup at `seen` samples done (as the Trainer: the first
+        step runs at 0 when there is warmup)."""
+        if seen < self.warmup_samples:
+            return self.learning_rate * (seen / self.warmup_samples)
+        left = max(0, self.total_samples - seen)
+        return self.learning_rate * (left / max(1, self.total_samples - self.warmup_samples))
+
+    def epoch_over(self, sample: int, batch: int) -> bool:
+        """No room in this epoch for another batch of `batch` samples."""
+        return sample + batch > self.epoch_samples
+
+    def finished(self, seen: int, epoch: int, sample: int, batch: int) -> bool:
+        if seen >= self.total_samples:
+            return True
+        # After a rescale whose batch does not divide the epoch, the last epoch's tail
+        # (shorter than one batch) is dropped, as every epoch's is.
+        last_epoch = self.epochs is not None and epoch >= self.epochs - 1
+        return last_epoch and self.epoch_over(sample, batch)
