@@ -92,6 +92,7 @@ def eval_perplexity(model_dir: str, dataset_dir: str) -> float:
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    from job.train.batch import MaskedBatch
     from job.train.masking import EVAL_STREAM, mask_tokens
     from job.train.model import SparseMLM
 
@@ -108,9 +109,9 @@ def eval_perplexity(model_dir: str, dataset_dir: str) -> float:
             inputs, labels = mask_tokens(blocks[ids], ids, seed=42, stream=EVAL_STREAM,
                                          special_ids=special, mask_id=tok.mask_token_id,
                                          vocab_size=len(tok))  # fmt: skip
-            s, n = model(torch.from_numpy(inputs), torch.from_numpy(labels))
-            total += float(s)
-            count += float(n)
+            batch = MaskedBatch.build(inputs, labels)
+            total += float(model(*batch.tensors()))
+            count += batch.n
     return math.exp(total / count)
 
 

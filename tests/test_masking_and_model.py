@@ -5,6 +5,7 @@ import torch
 from conftest import TOKENIZER
 from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
+from job.train.batch import MaskedBatch
 from job.train.masking import EVAL_STREAM, mask_tokens
 from job.train.model import SparseMLM
 
@@ -74,7 +75,8 @@ def test_sparse_loss_equals_the_full_head_loss():
 
     sparse_mlm = SparseMLM(model)
     assert sparse_mlm.bert  # the last-layer-at-masked-positions path is the one under test
-    loss_sum, count = sparse_mlm(inputs, labels)
+    masked = MaskedBatch.build(inputs.numpy(), labels.numpy())
+    loss_sum, count = sparse_mlm(*masked.tensors()), masked.n
     sparse = loss_sum / count
     sparse.backward()
     assert count == (labels != -100).sum()

@@ -309,12 +309,15 @@ def test_train_applied_before_preprocess_waits_for_the_dataset(tmp_path):
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1", "MLMJOB_WAIT_SECONDS": "300"}
     proc = subprocess.Popen(launch_cmd(cfg, "train.max_steps=4"), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(3)
-    assert proc.poll() is None  # still waiting, not failed
+    head = []
+    for line in proc.stderr:  # until the job says it waits (start-up takes seconds)
+        head.append(line)
+        if "waiting for the dataset" in line:
+            break
+    assert proc.poll() is None, "".join(head)  # still waiting, not failed
     mlmjob("preprocess", "-c", cfg, check=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "waiting for the dataset" in err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 4
 
 

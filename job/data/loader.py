@@ -37,10 +37,15 @@ class BlockData:
         return int(self.offsets[-1])
 
     def get(self, indices: np.ndarray) -> np.ndarray:
+        """The blocks at these global indices, in order: one fancy-indexed read per shard."""
+        indices = np.asarray(indices, dtype=np.int64)
         shard = np.searchsorted(self.offsets, indices, side="right") - 1
-        return np.stack(
-            [self.arrays[s][i - self.offsets[s]] for s, i in zip(shard, indices, strict=True)]
-        )
+        first = self.arrays[0]
+        out = np.empty((len(indices), first.shape[1]), dtype=first.dtype)
+        for s in np.unique(shard):
+            rows = shard == s
+            out[rows] = self.arrays[s][indices[rows] - self.offsets[s]]
+        return out
 
 
 def _fetch(manifest: Manifest, shard: dict, cache_dir: Path, verify: bool) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -25,7 +26,10 @@ from job.errors import EXIT_OK, EXIT_PREEMPTED, BadInput
 from job.log import bar, log
 from job.train import checkpoint
 from job.train.accel import Preemption, build_accelerator, load_universal
+from job.train.batch import MaskedBatch
+from job.train.masking import EVAL_STREAM, mask_tokens
 from job.train.metrics import Metrics, write_summary
+from job.train.prefetch import Prefetcher
 from job.train.schedule import Schedule
 from job.train.state import TrainState
 from job.train.summary import device_name, mfu
@@ -42,6 +46,16 @@ def should_eval(step: int, every: int | None, epoch_end: bool) -> bool:
 
 def should_checkpoint(step: int, every: int, epoch_end: bool) -> bool:
     return step % every == 0 or epoch_end
+
+
+PREEMPTION_CHECK_STEPS = 10
+
+
+def should_check_preemption(step: int, log_every: int) -> bool:
+    """Ranks agree on a SIGTERM with a collective, which waits for the step to finish: only
+    every few steps (and at log steps, which synchronise anyway), so that plain steps
+    never block the host. At most 10 steps pass between the signal and the checkpoint."""
+    return step % PREEMPTION_CHECK_STEPS == 0 or step % log_every == 0
 
 
 class Trainer:
@@ -70,6 +84,8 @@ class Trainer:
         self.schedule = Schedule.build(t, len(self.train_data), self.state.base_batch)
         self._build_model()
         self.special = np.asarray(sorted(set(self.tok.all_special_ids)), dtype=np.int64)
+        self.orders: dict[int, np.ndarray] = {}
+        self.orders_lock = threading.Lock()
 
     # ---- set-up ----------------------------------------------------------------------
 
@@ -156,18 +172,39 @@ class Trainer:
 
     # ---- batches ---------------------------------------------------------------------
 
-    def _batch(self, sample_ids: np.ndarray, stream: int, data):
-        import torch
-
-        from job.train.masking import mask_tokens
-
+    def _masked(self, sample_ids: np.ndarray, stream: int, data) -> MaskedBatch:
+        """One micro-batch, masked and laid out on the host (pinned for an async copy)."""
         inputs, labels = mask_tokens(
             data.get(sample_ids), sample_ids, seed=self.cfg.run.seed, stream=stream,
             special_ids=self.special, mask_id=self.tok.mask_token_id, vocab_size=len(self.tok),
             probability=self.cfg.train.mlm_probability,
         )  # fmt: skip
-        dev = self.accelerator.device
-        return torch.from_numpy(inputs).to(dev), torch.from_numpy(labels).to(dev)
+        batch = MaskedBatch.build(inputs, labels)
+        return batch.pin() if self.accelerator.device.type == "cuda" else batch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        with self.orders_lock:  # the loop and the prefetch thread both ask
+            if epoch not in self.orders:  # at most two epochs are in use: this and the next
+                self.orders = {e: o for e, o in self.orders.items() if e >= epoch - 1}
+                self.orders[epoch] = epoch_order(len(self.train_data), self.cfg.run.seed, epoch)
+            return self.orders[epoch]
+
+    def _step_batches(self, key: tuple[int, int]) -> list[MaskedBatch]:
+        """This rank's micro-batches of the global batch at (epoch, sample)."""
+        epoch, sample = key
+        t = self.cfg.train
+        B, order = t.per_device_batch_size, self._order(epoch)
+        starts = [sample + m * B * self.world for m in range(t.gradient_accumulation_steps)]
+        return [self._masked(batch_ids(order, s, self.rank, B), epoch, self.train_data)
+                for s in starts]  # fmt: skip
+
+    def _next_key(self) -> tuple[int, int]:
+        """Where the step after this one starts (a guess the prefetcher acts on)."""
+        st, gb = self.state, self.global_batch
+        sample = st.sample + gb
+        if self.schedule.epoch_over(sample, gb):
+            return st.epoch + 1, 0
+        return st.epoch, sample
 
     def _sum_across_ranks(self, *values: float) -> list[float]:
         import torch
@@ -183,26 +220,24 @@ class Trainer:
         """Token-weighted masked-LM loss over the whole eval split and every rank."""
         import torch
 
-        from job.train.masking import EVAL_STREAM
-
         bs = self.cfg.train.eval_batch_size or self.cfg.train.per_device_batch_size
         mine = np.arange(self.rank, len(self.eval_data), self.world)
         # Every rank runs the same number of forwards (ZeRO-3 gathers weights in lockstep).
         n_batches = math.ceil(math.ceil(len(self.eval_data) / self.world) / bs)
-        loss_sum = count = 0.0
+        dev = self.accelerator.device
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=dev), 0
         self.wrapper.eval()
         with torch.inference_mode():
             for i in range(n_batches):
                 ids = mine[i * bs : (i + 1) * bs]
                 real = len(ids) > 0
-                inputs, labels = self._batch(ids if real else np.array([0]), EVAL_STREAM,
-                                             self.eval_data)  # fmt: skip
-                s, n = self.wrapper(inputs, labels)
-                if real:
-                    loss_sum += float(s)
-                    count += float(n)
+                batch = self._masked(ids if real else np.array([0]), EVAL_STREAM, self.eval_data)
+                s = self.wrapper(*batch.to(dev).tensors())
+                if real:  # sums stay on the device: one synchronisation, at the end
+                    loss_sum += s.double()
+                    count += batch.n
         self.wrapper.train()
-        loss_sum, count = self._sum_across_ranks(loss_sum, count)
+        loss_sum, count = self._sum_across_ranks(loss_sum.item(), count)
         eval_loss = loss_sum / max(count, 1.0)
         return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss),
                 "eval_tokens": int(count)}  # fmt: skip
@@ -212,20 +247,28 @@ class Trainer:
     def run(self) -> int:
         self._begin()
         while not self.finished():
-            self.train_step()
-            last = self.finished()
-            self.maybe_log(last)
-            epoch_end = not last and self.maybe_next_epoch()
-            self.maybe_eval(epoch_end)
-            self.maybe_checkpoint(epoch_end)
-            if self.preemption.agreed(self.accelerator):
+            if self.iteration():
                 return self._preempted()
-            self.mark = time.perf_counter()
         self.progress.close()
+        self.prefetch.close()
         if (self.state.last_eval or {}).get("step") != self.state.step:
             self.run_eval()
         self._finish()
         return EXIT_OK
+
+    def iteration(self) -> bool:
+        """A step and what follows it; True when the ranks agree to stop for a SIGTERM."""
+        self.train_step()
+        last = self.finished()
+        self.maybe_log(last)
+        epoch_end = not last and self.maybe_next_epoch()
+        self.maybe_eval(epoch_end)
+        self.maybe_checkpoint(epoch_end)
+        stop = should_check_preemption(self.state.step, self.cfg.train.log_every_steps) and (
+            self.preemption.agreed(self.accelerator)
+        )
+        self.mark = time.perf_counter()
+        return stop
 
     def finished(self) -> bool:
         st = self.state
@@ -244,10 +287,10 @@ class Trainer:
         self.saved_at = resume_step
         if not self.finished():
             self.maybe_next_epoch()  # resumed with a larger batch than the epoch has left
-        self.order = epoch_order(len(self.train_data), cfg.run.seed, st.epoch)
         # Loss sums stay on the device between log steps: no host sync in a plain step.
-        self.window = torch.tensor([st.window_loss, st.window_tokens], dtype=torch.float64,
-                                   device=acc.device)  # fmt: skip
+        self.window_loss = torch.tensor(st.window_loss, dtype=torch.float64, device=acc.device)
+        self.window_tokens = st.window_tokens
+        self.prefetch = Prefetcher(self._step_batches)
         s = self.schedule
         left = max(0, s.total_samples - st.samples_seen) // self.global_batch
         self.progress = bar(total=st.step + left, initial=st.step, desc="train", unit=" step")
@@ -260,25 +303,25 @@ class Trainer:
                  ", DeepSpeed " + cfg.train.deepspeed if cfg.train.deepspeed else "")  # fmt: skip
 
     def train_step(self) -> None:
-        import torch
-
+        """One optimizer step. Nothing in it waits for the accelerator: shapes are known on
+        the host, sums stay on the device, and the next batch is built meanwhile."""
         st, t, acc = self.state, self.cfg.train, self.accelerator
+        batches = self.prefetch.get((st.epoch, st.sample))
+        self.prefetch.ahead(self._next_key())
         self.lr = self.schedule.lr(st.samples_seen)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        B, A = t.per_device_batch_size, t.gradient_accumulation_steps
-        for m in range(A):
-            ids = batch_ids(self.order, st.sample + m * B * self.world, self.rank, B)
-            inputs, labels = self._batch(ids, st.epoch, self.train_data)
-            ctx = acc.accumulate(self.wrapper) if A > 1 else nullcontext()
-            with ctx:
-                loss_sum, n = self.wrapper(inputs, labels)
-                acc.backward(loss_sum / n.clamp(min=1))
+        accumulate = t.gradient_accumulation_steps > 1
+        for batch in batches:
+            with acc.accumulate(self.wrapper) if accumulate else nullcontext():
+                loss_sum = self.wrapper(*batch.to(acc.device).tensors())
+                acc.backward(loss_sum / max(batch.n, 1))
                 if acc.sync_gradients and acc.distributed_type.name != "DEEPSPEED":
                     acc.clip_grad_norm_(self.wrapper.parameters(), t.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.window += torch.stack([loss_sum.detach().double(), n.double()])
+            self.window_loss += loss_sum.detach().double()
+            self.window_tokens += batch.n
         st.step += 1
         st.sample += self.global_batch
         st.samples_seen += self.global_batch
@@ -292,8 +335,9 @@ class Trainer:
         st, t = self.state, self.cfg.train
         if not should_log(st.step, t.log_every_steps, last):
             return
-        loss_sum, tokens = self._sum_across_ranks(*self.window.tolist())  # syncs
-        self.window.zero_()
+        loss_sum, tokens = self._sum_across_ranks(self.window_loss.item(), self.window_tokens)
+        self.window_loss.zero_()
+        self.window_tokens = 0
         window_steps = (st.step - 1) % t.log_every_steps + 1
         rate = window_steps * self.global_batch * self.block / max(st.window_seconds, 1e-9)
         st.window_seconds = 0.0
@@ -315,7 +359,6 @@ class Trainer:
             return False
         st.epoch += 1
         st.sample = 0
-        self.order = epoch_order(len(self.train_data), self.cfg.run.seed, st.epoch)
         return True
 
     def maybe_eval(self, epoch_end: bool) -> None:
@@ -344,7 +387,7 @@ class Trainer:
         if self.saved_at == st.step:
             return
         self.saved_at = st.step
-        st.window_loss, st.window_tokens = self.window.tolist()
+        st.window_loss, st.window_tokens = self.window_loss.item(), self.window_tokens
         st.wall_seconds = self.wall_before + time.perf_counter() - self.start
         if self.metrics:
             self.metrics.flush()
@@ -353,6 +396,7 @@ class Trainer:
 
     def _preempted(self) -> int:
         self.save_checkpoint()
+        self.prefetch.close()
         log.warning("preempted at step %d: checkpoint committed, exiting %d", self.state.step,
                     EXIT_PREEMPTED)  # fmt: skip
         self.accelerator.end_training()
@@ -417,6 +461,9 @@ class Trainer:
             if device.type == "cuda"
             else 0.0,  # fmt: skip
             "model": storage.join(cfg.run.output, "model"),
+            # This attempt's batch building (a resumed run counts from its restart).
+            "input_hidden_fraction": round(self.prefetch.stats.hidden_fraction, 4),
+            "input_wait_seconds": round(self.prefetch.stats.wait_seconds, 3),
         }
 
 

@@ -76,25 +76,21 @@ def _bert_layers(encoder: nn.Module):
     return layers
 
 
-def _last_layer_at(layer: nn.Module, h: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """A BERT layer's output at the selected positions only: [n_selected, H], row-major."""
+def _last_layer_at(layer: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's output at the given positions only: [B, W, H] for positions [B, W]
+    (keys and values still cover every token)."""
     att = layer.attention.self
     b, t, _ = h.shape
+    width = positions.shape[1]
     heads, dim = att.num_attention_heads, att.attention_head_size
-    counts = selected.sum(1)
-    width = int(counts.max())
-    # Per row, the selected positions first and in order; rows padded to the longest.
-    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :width]
-    h_q = h.gather(1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    h_q = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
     q = att.query(h_q).view(b, width, heads, dim).transpose(1, 2)
     k = att.key(h).view(b, t, heads, dim).transpose(1, 2)
     v = att.value(h).view(b, t, heads, dim).transpose(1, 2)
     p = att.dropout.p if layer.training else 0.0
     a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=att.scaling)
     a = layer.attention.output(a.transpose(1, 2).reshape(b, width, -1), h_q)
-    out = layer.output(layer.intermediate(a), a)
-    valid = torch.arange(width, device=h.device) < counts.unsqueeze(1)
-    return out[valid]
+    return layer.output(layer.intermediate(a), a)
 
 
 def compile_layers(model: nn.Module) -> None:
@@ -116,25 +112,32 @@ class SparseMLM(nn.Module):
         self.parts = parts is not None
         self.bert = self.parts and _bert_layers(parts[0]) is not None
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Returns (summed masked-token loss, number of masked tokens)."""
-        selected = labels != -100
-        targets = labels[selected]
-        if self.bert and bool(selected.any()):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        token_index: torch.Tensor,
+        positions: torch.Tensor,
+        query_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The summed loss over the masked tokens (see job.train.batch.MaskedBatch for the
+        arguments). Every shape is known on the host: no synchronisation in here."""
+        if self.bert:
             encoder, head = encoder_and_head(self.model)
             layers = _bert_layers(encoder)
             hidden = encoder.embeddings(input_ids=input_ids)
             for layer in layers[:-1]:
                 hidden = layer(hidden)
-            logits = head(_last_layer_at(layers[-1], hidden, selected))
+            out = _last_layer_at(layers[-1], hidden, positions)
+            logits = head(out.flatten(0, 1).index_select(0, query_index))
         elif self.parts:
             encoder, head = encoder_and_head(self.model)
             hidden = encoder(input_ids=input_ids).last_hidden_state
-            logits = head(hidden[selected])
+            logits = head(hidden.flatten(0, 1).index_select(0, token_index))
         else:  # unknown layout: the full head, then the same selection
-            logits = self.model(input_ids=input_ids).logits[selected]
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        return loss_sum, selected.sum()
+            logits = self.model(input_ids=input_ids).logits.flatten(0, 1)
+            logits = logits.index_select(0, token_index)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def flops_per_token(config, seq_len: int, mask_fraction: float) -> float:
