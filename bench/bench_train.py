@@ -137,7 +137,9 @@ def run() -> dict:
     return {
         "model": {**MODEL, "vocab_size": 50265, "batch": f"{BATCH} x 128", "steps": STEPS},
         "mlmjob": {"tokens_per_s": ours["tokens_per_second"],
-                   "train_seconds": ours["train_seconds"], "eval_perplexity": round(ppl_ours, 2)},
+                   "train_seconds": ours["train_seconds"], "eval_perplexity": round(ppl_ours, 2),
+                   "input_hidden_fraction": ours["input_hidden_fraction"],
+                   "input_wait_seconds": ours["input_wait_seconds"]},
         "trainer": {"tokens_per_s": hf["tokens_per_s"], "train_seconds": hf["train_seconds"],
                     "eval_perplexity": round(ppl_hf, 2)},
         "speedup": round(ours["tokens_per_second"] / hf["tokens_per_s"], 2),

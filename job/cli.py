@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(args)
     except (BadInput, StorageError) as e:
-        print(f"mlmjob: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # a config can have several bad keys: one line each
+            print(f"mlmjob: error: {line}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except TransientStorageError as e:  # one line, not a traceback; the pod is retried
         print(f"mlmjob: error: {e}", file=sys.stderr)
@@ -52,16 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(code: int) -> None:
     """Under job.launch, leave the exit code where the launcher reads it (torchrun hides it)."""
-    import os
     from pathlib import Path
 
-    exit_dir = os.environ.get("MLMJOB_EXIT_DIR")
-    if exit_dir:
-        Path(exit_dir, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+    from job import env
+
+    if env.exit_dir():
+        Path(env.exit_dir(), f"rank-{env.rank()}").write_text(str(code))
 
 
 def _run(args) -> int:
-    from job import storage
+    from job import env, storage
     from job.config import dump_yaml, load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -69,7 +70,7 @@ def _run(args) -> int:
     if args.command == "validate":
         print(dump_yaml(cfg), end="")
         return 0
-    worker = _worker(args)
+    worker = env.worker(getattr(args, "worker_index", None), getattr(args, "num_workers", None))
     if args.command == "preprocess":
         from job.data.preprocess import preprocess
 
@@ -83,19 +84,6 @@ def _run(args) -> int:
 
     infer(cfg, *worker)
     return 0
-
-
-def _worker(args) -> tuple[int, int]:
-    """Worker index and count: flags, else the Indexed Job's environment, else 0 of 1."""
-    import os
-
-    index = getattr(args, "worker_index", None)
-    count = getattr(args, "num_workers", None)
-    if index is None:
-        index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
-    if count is None:
-        count = int(os.environ.get("MLMJOB_NUM_WORKERS", "1"))
-    return index, count
 
 
 if __name__ == "__main__":

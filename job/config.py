@@ -1,26 +1,48 @@
 """Typed job configuration: YAML plus `--set key.path=value` overrides.
 
-Every key is checked against the dataclasses below; an unknown key or a wrong type is a
-BadInput naming the file and the dotted key path.
+The config owns its checks: types, ranges and allowed values are declared on the fields
+(pydantic), so `mlmjob validate` refuses every bad value before a run starts, with the
+file, the dotted key path and what is allowed. Each field's description is the README's
+config reference (generated from here; a test keeps them equal).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from job.errors import BadInput
 
 
-@dataclass
-class SourceConfig:
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, Strict()]  # YAML `true` is not a number of steps
+# Lax on purpose: YAML 1.1 reads `2e-5` as a string, which pydantic turns into a float.
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
     """One input: a storage URI or glob (`uri`), or a Hugging Face dataset (`hf` + `split`)."""
 
     uri: str | None = None
@@ -28,96 +50,142 @@ class SourceConfig:
     hf_config: str | None = None
     split: str | None = None
 
-
-@dataclass
-class RunConfig:
-    output: str = "out/run"
-    seed: int = 42
-    name: str = "mlmjob"
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"uri": value} if isinstance(value, str) else value
 
 
-@dataclass
-class StorageConfig:
-    endpoint_url: str | None = None  # S3-compatible store; else AWS_ENDPOINT_URL or AWS
-    region: str | None = None
+class RunConfig(_Section):
+    output: str = Field(
+        "out/run", description="where checkpoints, metrics, summary and the model go"
+    )
+    seed: Int = Field(42, ge=0, description="split, sample order, masks, initial weights")
+    name: str = Field("mlmjob", description="shown in logs and `summary.json` (`run_name`)")
 
 
-@dataclass
-class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-    name: str = "eli5"
-    max_records: int | None = None  # the tutorial's `train_asks[:5000]`
-    subreddits: list[str] | None = None  # keep only these subreddits
-    text_fields: list[str] = field(default_factory=lambda: ["answers.text"])
-    test_size: float = 0.2
-    block_size: int = 128
-    output: str = "out/data"
-    shard_blocks: int = 65536
-    max_bad_fraction: float = 0.01
-    cache_dir: str | None = None  # node-local cache for shards; default ~/.cache/mlmjob
-    dataset: str | None = None  # train on this dataset folder instead of the derived one
+class StorageConfig(_Section):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; else `AWS_ENDPOINT_URL(_S3)`, else AWS"
+    )
+    region: str | None = Field(
+        None, description="else `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`"
+    )
 
 
-@dataclass
-class ModelConfig:
-    name_or_path: str = "distilroberta-base"
-    tokenizer: str | None = None  # defaults to name_or_path
-    from_scratch: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="URIs/globs (`.json` array, JSON lines, `.parquet`, any of them gzipped; "
+        "local or S3) or `{hf: NAME, split: SPLIT, hf_config: ...}` for `datasets.load_dataset`",
+    )
+    name: str = Field("eli5", description="prefix of the dataset id")
+    max_records: Int | None = Field(
+        None, ge=1, description="first N records (the tutorial's `train_asks[:5000]`)"
+    )
+    subreddits: list[str] | None = Field(None, description="keep only these subreddits")
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["answers.text"],
+        description="dotted fields, flattened and joined with a space (add `title`, `selftext`)",
+    )
+    test_size: Float = Field(
+        0.2, ge=0, lt=1, description="held-out fraction; the split equals `datasets`' "
+        "`train_test_split(test_size, seed=run.seed)`",
+    )  # fmt: skip
+    block_size: Int = Field(128, ge=2, description="tokens per block")
+    output: str = Field("out/data", description="dataset root")
+    shard_blocks: Int = Field(65536, ge=1, description="blocks per `.npy` shard")
+    max_bad_fraction: Float = Field(
+        0.01, ge=0, le=1, description="malformed records above this fraction fail the run (exit 2)"
+    )
+    cache_dir: str | None = Field(
+        None, description="node-local cache (shards, models, tokenizers from S3; checkpoint "
+        "staging); default `$MLMJOB_CACHE` or `~/.cache/mlmjob`",
+    )  # fmt: skip
+    dataset: str | None = Field(
+        None, description="train on this dataset folder instead of the one the config derives"
+    )
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 3
-    max_steps: int | None = None
-    per_device_batch_size: int = 8
-    eval_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    mlm_probability: float = 0.15
-    eval_every_steps: int | None = None  # None: at each epoch's end
-    checkpoint_every_steps: int = 500
-    keep_checkpoints: int = 2
-    log_every_steps: int = 10
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp32
-    deepspeed: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/zero2.json)
-    compile: bool = False
-    num_threads: int | None = None  # CPU threads per process
+class ModelConfig(_Section):
+    name_or_path: str = Field("distilroberta-base", description="hub id, local folder or S3 URI")
+    tokenizer: str | None = Field(
+        None, description="hub id, local folder or S3 URI (default: `name_or_path`); must have "
+        "a mask token",
+    )  # fmt: skip
+    from_scratch: bool = Field(
+        False, description="random weights from the model's config (RoBERTa defaults if none)"
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="applied to the model config, e.g. `{hidden_size: 256}`"
+    )
 
 
-@dataclass
-class InferConfig:
-    model: str | None = None  # defaults to {run.output}/model
-    inputs: list[str] = field(default_factory=list)
-    output: str = "out/infer"
-    text_field: str = "text"
-    top_k: int = 3
-    batch_size: int = 64
-    lines_per_part: int = 100000
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp32 (= the pipeline)
+class TrainConfig(_Section):
+    epochs: Int = Field(3, ge=1, description="passes over the train split")
+    max_steps: Int | None = Field(
+        None, ge=1, description="steps of the run's first global batch; wins over `epochs`"
+    )
+    per_device_batch_size: Int = Field(8, ge=1, description="blocks per process per micro-step")
+    eval_batch_size: Int | None = Field(None, ge=1, description="default: per-device batch")
+    gradient_accumulation_steps: Int = Field(
+        1, ge=1, description="global batch = per-device x processes x this"
+    )
+    learning_rate: Float = Field(2e-5, gt=0, description="AdamW (fused) peak learning rate")
+    weight_decay: Float = Field(
+        0.01, ge=0, description="none on biases and LayerNorm weights, as the Trainer"
+    )
+    warmup_steps: Int = Field(
+        0, ge=0, description="linear warmup, then linear decay to 0 (the Trainer's schedule)"
+    )
+    max_grad_norm: Float = Field(1.0, gt=0, description="gradient clipping")
+    mlm_probability: Float = Field(
+        0.15, gt=0, lt=1, description="masked fraction (80% `<mask>`, 10% random, 10% kept)"
+    )
+    eval_every_steps: Int | None = Field(
+        None, ge=1, description="default: evaluate at each epoch's end (and at the end)"
+    )
+    checkpoint_every_steps: Int = Field(
+        500, ge=1, description="also at each epoch's end and on SIGTERM"
+    )
+    keep_checkpoints: Int = Field(2, ge=1, description="committed checkpoints kept")
+    log_every_steps: Int = Field(10, ge=1, description="metrics.jsonl and progress bar")
+    precision: Precision = Field("auto", description="`auto`: bf16 on GPU, fp32 on CPU")
+    deepspeed: str | None = Field(
+        None, description="a DeepSpeed JSON (`configs/deepspeed/zero2.json`); `auto` fields "
+        "are filled from `train.*`",
+    )  # fmt: skip
+    compile: bool = Field(False, description="`torch.compile` the encoder layers")
+    num_threads: Int | None = Field(None, ge=1, description="CPU threads per process")
 
-    PRECISIONS = ("auto", "bf16", "fp32")  # not annotated: a constant, not a config key
 
-    def __post_init__(self):
-        # Checked here, at load time, so that `mlmjob validate` refuses a bad value too.
-        if self.precision not in self.PRECISIONS:
-            raise BadInput(
-                f"key 'infer.precision' must be one of {', '.join(self.PRECISIONS)}, "
-                f"got {self.precision!r}"
-            )
+class InferConfig(_Section):
+    model: str | None = Field(
+        None, description="any masked LM folder, hub id or URI (default: `{run.output}/model`)"
+    )
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="URIs/globs of `.txt` (a text per line) or `.jsonl` "
+        "(`infer.text_field`), optionally `.gz`",
+    )
+    output: str = Field("out/infer", description="where the parts go")
+    text_field: str = Field("text", description="the field read from JSON lines inputs")
+    top_k: Int = Field(3, ge=1, description="candidates per `<mask>`")
+    batch_size: Int = Field(64, ge=1, description="lines per forward")
+    precision: Precision = Field(
+        "auto",
+        description='`auto`: bf16 on GPU, fp32 on CPU. `fp32` equals `pipeline("fill-mask")`; '
+        "bf16 is faster on a GPU and may reorder near-tied candidates",
+    )
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
 
     @property
     def tokenizer(self) -> str:
@@ -131,7 +199,7 @@ class Config:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply `key.path=value` overrides, and type-check the result."""
+    """Read a YAML file, apply `key.path=value` overrides, and check the result."""
     path = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -145,7 +213,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise BadInput(f"{path}: the top level must be a mapping")
     for item in overrides:
         apply_override(raw, item, path)
-    return from_dict(Config, raw, path)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise BadInput("\n".join(f"{path}: {describe(err)}" for err in e.errors())) from None
 
 
 def apply_override(raw: dict, item: str, path: str) -> None:
@@ -166,57 +237,68 @@ def apply_override(raw: dict, item: str, path: str) -> None:
     node[parts[-1]] = parsed
 
 
-def from_dict(cls: type, raw: Any, path: str, prefix: str = "") -> Any:
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: key '{prefix.rstrip('.') or '<top>'}' must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        key_path = f"{prefix}{key}"
-        if key not in names:
-            raise BadInput(f"{path}: unknown key '{key_path}'")
-        kwargs[key] = _coerce(hints[key], value, path, key_path)
-    return cls(**kwargs)
+_BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+           "less_than_equal": "<= {le}"}  # fmt: skip
+_TYPES = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "a list",
+          "dict": "a mapping", "model": "a mapping"}  # fmt: skip
 
 
-def _coerce(tp: Any, value: Any, path: str, key_path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, path, key_path)
-    if dataclasses.is_dataclass(tp):
-        if tp is SourceConfig and isinstance(value, str):
-            value = {"uri": value}
-        return from_dict(tp, value, path, key_path + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise BadInput(f"{path}: key '{key_path}' must be a list, got {value!r}")
-        return [_coerce(args[0], v, path, f"{key_path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise BadInput(f"{path}: key '{key_path}' must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 2e-5 as a string
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise BadInput(f"{path}: key '{key_path}' must be {tp.__name__}, got {value!r}")
-    return value
+def describe(err: dict) -> str:
+    """One pydantic error as one line: the dotted key path, what is allowed, what was given."""
+    key = _key_path(err["loc"])
+    kind, given, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if kind in _BOUNDS:
+        return f"key '{key}' must be {_BOUNDS[kind].format(**ctx)}, got {given!r}"
+    if kind == "literal_error":
+        allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"key '{key}' must be one of {allowed}, got {given!r}"
+    if kind == "value_error":
+        return f"key '{key}' must be {ctx.get('error', err['msg'])}, got {given!r}"
+    base = kind.split("_")[0]
+    if base in _TYPES:
+        return f"key '{key}' must be {_TYPES[base]}, got {given!r}"
+    return f"key '{key}': {err['msg']}, got {given!r}"
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("function-after", "function-before") and not str(part).startswith(
+            "function-"
+        ):
+            out += f".{part}" if out else str(part)
+    return out or "<top>"
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference_table() -> str:
+    """The README's config reference: every key, its default and its description."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, field in Config.model_fields.items():
+        for name, info in field.annotation.model_fields.items():
+            default = _shown(info.get_default(call_default_factory=True))
+            rows.append(f"| `{section}.{name}` | {default} | {info.description} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if default is None:
+        return "none"
+    if isinstance(default, list | dict):
+        return f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
+    return f"`{str(default).lower() if isinstance(default, bool) else default}`"
+
+
+if __name__ == "__main__":  # python -m job.config: the table for the README
+    print(reference_table(), end="")

@@ -22,6 +22,15 @@ def wait_seconds() -> float:
     return float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
 
 
+def no_progress() -> bool:
+    return os.environ.get("MLMJOB_NO_PROGRESS") == "1"
+
+
+def exit_dir() -> str | None:
+    """Set by job.launch: where each rank leaves its exit code (torchrun hides it)."""
+    return os.environ.get("MLMJOB_EXIT_DIR")
+
+
 def worker(index: int | None = None, count: int | None = None) -> tuple[int, int]:
     """Worker index and count: given, else the Indexed Job's environment, else 0 of 1."""
     if index is None:

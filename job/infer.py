@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from job import storage
+from job import env, storage
 from job.config import Config
 from job.data.sources import read_input
 from job.errors import BadInput
 from job.log import bar, log
+from job.pretrained import load_pretrained
 
 MASK = "<mask>"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")  # kept out of part names (URIs, shells, globs)
@@ -121,12 +122,10 @@ class FillMask:
 
         from job.train.model import encoder_and_head
 
-        local = storage.to_local(model_uri, cache_dir / "models")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(local)
-            model = AutoModelForMaskedLM.from_pretrained(local, attn_implementation="sdpa")
-        except (OSError, ValueError) as e:
-            raise BadInput(f"infer.model: cannot load '{model_uri}': {e}") from None
+        cache = cache_dir / "models"
+        self.tok = load_pretrained(AutoTokenizer, model_uri, cache, "infer.model")
+        model = load_pretrained(AutoModelForMaskedLM, model_uri, cache, "infer.model",
+                                attn_implementation="sdpa")  # fmt: skip
         if self.tok.mask_token is None:
             raise BadInput(f"infer.model: '{model_uri}' has a tokenizer without a mask token")
         self.device = torch.device(device)
@@ -239,9 +238,8 @@ def run_part(fill: FillMask, uri: str, cfg: Config, progress) -> tuple[list[dict
 
 def _workers(worker_index: int, num_workers: int) -> tuple[int, int]:
     """This process's id among all processes of all pods, and their number."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return worker_index * world + rank, num_workers * world
+    world = env.world_size()
+    return worker_index * world + env.rank(), num_workers * world
 
 
 def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
@@ -283,13 +281,12 @@ def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
 def _load(cfg: Config) -> FillMask:
     import torch
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{env.local_rank()}" if torch.cuda.is_available() else "cpu"
     model = cfg.infer.model
     if model is None:  # the training run's model: complete once summary.json exists
         model = storage.join(cfg.run.output, "model")
-        wait = float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))
-        storage.wait_for(storage.join(cfg.run.output, "summary.json"), wait, "the model")
+        summary = storage.join(cfg.run.output, "summary.json")
+        storage.wait_for(summary, env.wait_seconds(), "the model")
     fill = FillMask(model, cfg.cache_dir, cfg.infer.top_k, device, cfg.infer.precision)
     log.info("infer: model %s on %s, precision %s", model, device, fill.precision)
     return fill

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from tqdm import tqdm
 
+from job import env
+
 log = logging.getLogger("mlmjob")
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def setup_logging() -> None:
-    level = logging.INFO if rank() == 0 else logging.WARNING
+    level = logging.INFO if env.rank() == 0 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s mlmjob %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
@@ -29,4 +26,4 @@ def bar(**kwargs) -> tqdm:
     tty = sys.stderr.isatty()
     kwargs.setdefault("mininterval", 0.5 if tty else 30.0)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(disable=rank() != 0 or os.environ.get("MLMJOB_NO_PROGRESS") == "1", **kwargs)
+    return tqdm(disable=env.rank() != 0 or env.no_progress(), **kwargs)

@@ -13,10 +13,13 @@ that fails too the error is a TransientStorageError (exit 1), never a StorageErr
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,23 +316,37 @@ def wait_for(uri: str, seconds: float, what: str) -> None:
 # ---- writing -------------------------------------------------------------------------
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, renamed to `path` if the block succeeds: readers see
+    the old file or the whole new one, never a part; a failed write leaves nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic: readers see the old object or the whole new one, never a part."""
     if is_s3(uri):
         loc = split_s3(uri)
         _s3_call(uri, lambda c: c.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
         return
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(local_path(uri)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(uri: str, text: str) -> None:
@@ -342,30 +359,18 @@ def upload_file(local: str | Path, uri: str) -> None:
         loc = split_s3(uri)
         _s3_call(uri, lambda c: c.upload_file(str(local), loc.bucket, loc.key))
         return
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(local_path(uri)) as tmp:
         shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def download_file(uri: str, local: str | Path) -> None:
     """Copy a URI to a local file atomically."""
-    local = Path(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(Path(local)) as tmp:
         if is_s3(uri):
             loc = split_s3(uri)
             _s3_call(uri, lambda c: c.download_file(loc.bucket, loc.key, str(tmp)))
         else:
             shutil.copyfile(local_path(uri), tmp)
-        os.replace(tmp, local)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

@@ -2,10 +2,11 @@ import pytest
 import yaml
 from conftest import ROOT, mlmjob, write_config
 
-from job.config import SourceConfig, load_config
+from job.config import Config, SourceConfig, load_config, reference_table
 from job.errors import BadInput
 
 
+@pytest.mark.unit
 def test_shipped_configs_load():
     for name in ("demo", "eli5-askscience", "eli5-full"):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
@@ -17,6 +18,7 @@ def test_shipped_configs_load():
     assert ask.train.epochs == 3 and ask.data.block_size == 128
 
 
+@pytest.mark.unit
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
@@ -49,9 +51,22 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
             "data.text_fields=answers.text",
             "key 'data.text_fields' must be a list, got 'answers.text'",
         ),
-        ("run=5", "key 'run' must be a mapping"),
+        ("run=5", "key 'run' must be a mapping, got 5"),
+        ("train.precision=fp16", "key 'train.precision' must be one of auto, bf16, fp32, got 'fp16'"),
+        ("infer.precision=fp16", "key 'infer.precision' must be one of auto, bf16, fp32, got 'fp16'"),
+        ("data.test_size=1", "key 'data.test_size' must be < 1.0, got 1"),
+        ("data.block_size=1", "key 'data.block_size' must be >= 2, got 1"),
+        ("data.shard_blocks=0", "key 'data.shard_blocks' must be >= 1, got 0"),
+        ("train.learning_rate=0", "key 'train.learning_rate' must be > 0.0, got 0"),
+        ("train.learning_rate=true", "key 'train.learning_rate' must be a number, not a boolean, got True"),
+        ("train.learning_rate=fast", "key 'train.learning_rate' must be float, got 'fast'"),
+        ("data.sources=[3]", "key 'data.sources[0]' must be a mapping, got 3"),
+        ("model.config_overrides=[1]", "key 'model.config_overrides' must be a mapping, got [1]"),
+        ("model.from_scratch=maybe", "key 'model.from_scratch' must be bool, got 'maybe'"),
+        ("run.output=[a]", "key 'run.output' must be str, got ['a']"),
     ],
-)
+)  # fmt: skip
+@pytest.mark.unit
 def test_bad_keys_name_the_file_and_key(override, message):
     with pytest.raises(BadInput) as e:
         load_config(ROOT / "configs" / "demo.yaml", [override])
@@ -75,3 +90,60 @@ def test_validate_rejects_unknown_key_with_exit_2():
     proc = mlmjob("validate", "-c", "configs/demo.yaml", "--set", "nope.x=1")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "mlmjob: error: configs/demo.yaml: unknown key 'nope'"
+
+
+@pytest.mark.unit
+def test_every_field_type_is_coerced_as_yaml_reads_it():
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            "train.learning_rate=2e-5",  # YAML 1.1 reads this as a string
+            "train.weight_decay=0",  # an int where a float is expected
+            "train.max_steps=null",
+            "train.eval_every_steps=7",
+            "model.from_scratch=false",
+            "data.subreddits=[askscience]",
+            "data.sources=[s3://b/x.json.gz]",  # a bare string is a URI
+            "infer.precision=fp32",
+        ],
+    )
+    t = cfg.train
+    assert (t.learning_rate, type(t.learning_rate)) == (2e-5, float)
+    assert (t.weight_decay, type(t.weight_decay)) == (0.0, float)
+    assert t.max_steps is None and t.eval_every_steps == 7
+    assert cfg.model.from_scratch is False and cfg.data.subreddits == ["askscience"]
+    assert cfg.data.sources == [SourceConfig(uri="s3://b/x.json.gz")]
+    assert cfg.infer.precision == "fp32"
+
+
+@pytest.mark.unit
+def test_every_bad_key_is_reported_not_only_the_first():
+    with pytest.raises(BadInput) as e:
+        load_config(ROOT / "configs" / "demo.yaml", ["infer.top_k=0", "train.nope=1"])
+    assert str(e.value).splitlines() == [
+        f"{ROOT / 'configs' / 'demo.yaml'}: unknown key 'train.nope'",
+        f"{ROOT / 'configs' / 'demo.yaml'}: key 'infer.top_k' must be >= 1, got 0",
+    ]
+
+
+@pytest.mark.unit
+def test_readme_config_reference_is_generated_from_the_fields():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    shown = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert shown == reference_table(), "README out of date: paste `python -m job.config`"
+    documented = {row.split("`")[1] for row in shown.splitlines()[2:]}
+    assert len(documented) == sum(
+        len(f.annotation.model_fields) for f in Config.model_fields.values()
+    )
+
+
+def test_validate_names_each_bad_key_on_its_own_line():
+    proc = mlmjob("validate", "-c", "configs/demo.yaml", "--set", "train.precision=fp16",
+                  "--set", "data.test_size=1.5")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mlmjob: error: configs/demo.yaml: key 'data.test_size' must be < 1.0, got 1.5",
+        "mlmjob: error: configs/demo.yaml: key 'train.precision' must be one of auto, bf16, "
+        "fp32, got 'fp16'",
+    ]

@@ -283,5 +283,5 @@ def test_bad_precision_is_refused_with_the_allowed_values(tmp_path, model_dir):
     proc = mlmjob("infer", "-c", cfg, "--set", "infer.precision=fp16")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "mlmjob: error: key 'infer.precision' must be one of auto, bf16, fp32, got 'fp16'"
+        f"mlmjob: error: {cfg}: key 'infer.precision' must be one of auto, bf16, fp32, got 'fp16'"
     )

@@ -13,19 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from job import storage
 from job.errors import BadInput
+from job.pretrained import load_pretrained
 
 
 def load_tokenizer(name_or_uri: str, cache_dir: str | Path):
     """A fast tokenizer from a hub id, a local folder or an S3 folder; it needs a mask token."""
     from transformers import AutoTokenizer
 
-    local = storage.to_local(name_or_uri, Path(cache_dir) / "tokenizers")  # S3 -> local copy
-    try:
-        tok = AutoTokenizer.from_pretrained(local)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"model.tokenizer: cannot load '{name_or_uri}': {e}") from None
+    cache = Path(cache_dir) / "tokenizers"
+    tok = load_pretrained(AutoTokenizer, name_or_uri, cache, "model.tokenizer")
     if not getattr(tok, "is_fast", False):
         raise BadInput(f"model.tokenizer: '{name_or_uri}' has no fast (Rust) tokenizer")
     if tok.mask_token is None:

@@ -14,12 +14,9 @@ dataset one worker does:
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
 import time
-from dataclasses import asdict
 
 import numpy as np
 
@@ -33,41 +30,16 @@ from job.log import bar, log
 
 CHUNK = 1000  # records per unit of work handed round-robin to workers
 ENCODE_BATCH = 2048  # texts per encode_batch call: large enough to keep every core busy
-FORMAT_VERSION = 1
 MAX_LOGGED_BAD = 20
-
-
-def dataset_id(cfg: Config, tokenizer_sha: str) -> str:
-    """Derived from everything that changes the dataset's bytes, nothing else."""
-    d = cfg.data
-    key = {
-        "format": FORMAT_VERSION,
-        "sources": [asdict(s) for s in d.sources],
-        "max_records": d.max_records,
-        "subreddits": d.subreddits,
-        "text_fields": d.text_fields,
-        "test_size": d.test_size,
-        "seed": cfg.run.seed,
-        "block_size": d.block_size,
-        "shard_blocks": d.shard_blocks,
-        "tokenizer": tokenizer_sha,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return f"{d.name}-{digest[:12]}"
-
-
-def dataset_uri(cfg: Config, tok) -> str:
-    return storage.join(cfg.data.output, dataset_id(cfg, blocks_mod.tokenizer_sha256(tok)))
 
 
 def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
     """Run this worker's share; finalize when every part is there. Returns the dataset URI."""
     if not 0 <= worker_index < num_workers:
         raise BadInput(f"--worker-index {worker_index} must be in [0, {num_workers})")
-    _check(cfg)
     start = time.perf_counter()
     tok = blocks_mod.load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-    root = dataset_uri(cfg, tok)
+    root = shards.dataset_uri(cfg, tok)
     if storage.exists(storage.join(root, shards.MANIFEST)):
         log.info("dataset is complete, nothing to do: %s", root)
         return root
@@ -84,16 +56,6 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
     manifest = finalize(cfg, tok, root, parts)
     _summary(manifest, time.perf_counter() - start, root)
     return root
-
-
-def _check(cfg: Config) -> None:
-    d = cfg.data
-    if not 0 <= d.test_size < 1:
-        raise BadInput(f"data.test_size must be in [0, 1), got {d.test_size}")
-    if d.block_size < 2:
-        raise BadInput(f"data.block_size must be at least 2, got {d.block_size}")
-    if d.shard_blocks < 1:
-        raise BadInput(f"data.shard_blocks must be positive, got {d.shard_blocks}")
 
 
 def _part_uri(root: str, worker: int, num_workers: int) -> str:
@@ -200,7 +162,7 @@ def finalize(cfg: Config, tok, root: str, parts: list[str]) -> dict:
     manifest = {
         "dataset_id": root.rstrip("/").rsplit("/", 1)[-1],
         "format": "npy",
-        "format_version": FORMAT_VERSION,
+        "format_version": shards.FORMAT_VERSION,
         "tokenizer": cfg.tokenizer,
         "tokenizer_sha256": blocks_mod.tokenizer_sha256(tok),
         "vocab_size": len(tok),
@@ -208,7 +170,7 @@ def finalize(cfg: Config, tok, root: str, parts: list[str]) -> dict:
         "dtype": dtype.name,
         "seed": cfg.run.seed,
         "test_size": d.test_size,
-        "sources": [asdict(s) for s in d.sources],
+        "sources": [s.model_dump() for s in d.sources],
         "malformed_records": bad_count,
         "malformed_examples": bad_samples,
         "splits": {},

@@ -16,9 +16,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from job import storage
+from job.config import Config
+from job.data.blocks import tokenizer_sha256
 from job.errors import BadInput
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def dataset_id(cfg: Config, tokenizer_sha: str) -> str:
+    """Derived from everything that changes the dataset's bytes, nothing else."""
+    d = cfg.data
+    key = {
+        "format": FORMAT_VERSION,
+        "sources": [s.model_dump() for s in d.sources],
+        "max_records": d.max_records,
+        "subreddits": d.subreddits,
+        "text_fields": d.text_fields,
+        "test_size": d.test_size,
+        "seed": cfg.run.seed,
+        "block_size": d.block_size,
+        "shard_blocks": d.shard_blocks,
+        "tokenizer": tokenizer_sha,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return f"{d.name}-{digest[:12]}"
+
+
+def dataset_uri(cfg: Config, tok) -> str:
+    return storage.join(cfg.data.output, dataset_id(cfg, tokenizer_sha256(tok)))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -76,11 +102,6 @@ def read_manifest(root: str) -> Manifest:
 
 def load_shard(path: str, sha256: str | None = None) -> np.ndarray:
     """Load a local shard, memory-mapped; verify its checksum when given."""
-    if sha256 is not None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            raise ValueError(f"{path}: checksum mismatch")
+    if sha256 is not None and storage.sha256_file(path) != sha256:
+        raise ValueError(f"{path}: checksum mismatch")
     return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -10,7 +10,6 @@ for the previous one with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -76,13 +75,9 @@ def _describe(local: Path) -> dict:
     out = {}
     for p in sorted(local.rglob("*")):
         if p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
             out[p.relative_to(local).as_posix()] = {
                 "size": p.stat().st_size,
-                "sha256": h.hexdigest(),
+                "sha256": storage.sha256_file(p),
             }
     return out
 

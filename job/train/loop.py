@@ -18,9 +18,9 @@ import numpy as np
 
 from job import env, storage
 from job.config import Config, dump_yaml
+from job.data import shards
 from job.data.blocks import load_tokenizer, tokenizer_sha256
 from job.data.loader import BlockData, batch_ids, epoch_order
-from job.data.preprocess import dataset_uri
 from job.data.shards import read_manifest
 from job.errors import EXIT_OK, EXIT_PREEMPTED, BadInput
 from job.log import bar, log
@@ -90,7 +90,7 @@ class Trainer:
     # ---- set-up ----------------------------------------------------------------------
 
     def _manifest(self):
-        data_uri = self.cfg.data.dataset or dataset_uri(self.cfg, self.tok)
+        data_uri = self.cfg.data.dataset or shards.dataset_uri(self.cfg, self.tok)
         storage.wait_for(storage.join(data_uri, "manifest.json"), env.wait_seconds(), "the dataset")
         manifest = read_manifest(data_uri)
         if manifest.data["tokenizer_sha256"] != tokenizer_sha256(self.tok):
@@ -296,11 +296,11 @@ class Trainer:
         self.progress = bar(total=st.step + left, initial=st.step, desc="train", unit=" step")
         self.start = self.mark = time.perf_counter()
         self.wall_before = st.wall_seconds
-        log.info("training: %d processes, global batch %d x %d tokens, %d samples in all "
-                 "(%s of %d), precision %s%s", self.world, self.global_batch, self.block,
-                 s.total_samples, f"{s.epochs} epochs" if s.epochs else "max_steps",
-                 s.epoch_samples, self.precision,
-                 ", DeepSpeed " + cfg.train.deepspeed if cfg.train.deepspeed else "")  # fmt: skip
+        how = f"{s.epochs} epochs" if s.epochs else "max_steps"
+        ds = f", DeepSpeed {cfg.train.deepspeed}" if cfg.train.deepspeed else ""
+        log.info("training %s: %d processes, global batch %d x %d tokens, %d samples in all "
+                 "(%s of %d), precision %s%s", cfg.run.name, self.world, self.global_batch,
+                 self.block, s.total_samples, how, s.epoch_samples, self.precision, ds)  # fmt: skip
 
     def train_step(self) -> None:
         """One optimizer step. Nothing in it waits for the accelerator: shapes are known on
@@ -439,6 +439,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.wrapper).model
         train = [e for e in self.metrics.events if e["event"] == "train"]
         return {
+            "run_name": cfg.run.name,
             "perplexity": ev.get("perplexity"),
             "eval_loss": ev.get("eval_loss"),
             "train_tokens": st.tokens,

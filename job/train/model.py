@@ -19,17 +19,16 @@ from torch import nn
 from job import storage
 from job.config import ModelConfig
 from job.errors import BadInput
+from job.pretrained import load_pretrained
 
 
 def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForMaskedLM, RobertaConfig
 
-    source = storage.to_local(cfg.name_or_path, cache_dir / "models")
+    cache = cache_dir / "models"
     if not cfg.from_scratch:
-        try:
-            model = AutoModelForMaskedLM.from_pretrained(source, attn_implementation="sdpa")
-        except (OSError, ValueError) as e:
-            raise BadInput(f"model.name_or_path: cannot load '{cfg.name_or_path}': {e}") from None
+        model = load_pretrained(AutoModelForMaskedLM, cfg.name_or_path, cache,
+                                "model.name_or_path", attn_implementation="sdpa")  # fmt: skip
         if model.config.vocab_size < len(tok):
             raise BadInput(
                 f"model.name_or_path: vocabulary {model.config.vocab_size} is smaller than the "
@@ -37,7 +36,7 @@ def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Mo
             )
         return model
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(storage.to_local(cfg.name_or_path, cache))
     except (OSError, ValueError):  # a tokenizer folder, say: RoBERTa's defaults
         config = RobertaConfig()
     config.vocab_size = len(tok)
