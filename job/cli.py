@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY.PATH=VALUE",
             help="override a config key (value parsed as YAML); repeatable",
         )
+        if name == "validate":
+            what = "also check sources, model, tokenizer, outputs and credentials"
+            s.add_argument("--preflight", action="store_true", help=what)
         if name in ("preprocess", "infer"):
             s.add_argument("--worker-index", type=int, default=None)
             s.add_argument("--num-workers", type=int, default=None)
@@ -63,13 +66,12 @@ def _report(code: int) -> None:
 
 def _run(args) -> int:
     from job import env, storage
-    from job.config import dump_yaml, load_config
+    from job.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     if args.command == "validate":
-        print(dump_yaml(cfg), end="")
-        return 0
+        return _validate(cfg, args.preflight)
     worker = env.worker(getattr(args, "worker_index", None), getattr(args, "num_workers", None))
     if args.command == "preprocess":
         from job.data.preprocess import preprocess
@@ -83,6 +85,23 @@ def _run(args) -> int:
     from job.infer import infer
 
     infer(cfg, *worker)
+    return 0
+
+
+def _validate(cfg, preflight: bool) -> int:
+    from job.config import dump_yaml
+
+    if not preflight:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from job.preflight import preflight as run_preflight
+
+    report = run_preflight(cfg)
+    if report.problems:
+        raise BadInput("\n".join(report.problems))
+    print("preflight: ok")
+    for line in report.plan:
+        print(f"  {line}")
     return 0
 
 

@@ -17,6 +17,14 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def planned_world_size() -> int:
+    """The processes a launch will start (job.launch's variables), before it starts them."""
+    if "WORLD_SIZE" in os.environ:
+        return world_size()
+    per_node = os.environ.get("MLMJOB_NPROC_PER_NODE") or "1"
+    return int(os.environ.get("MLMJOB_NNODES", "1")) * int(per_node)
+
+
 def wait_seconds() -> float:
     """MLMJOB_WAIT_SECONDS: how long a Job waits for its input (the k8s manifests set it)."""
     return float(os.environ.get("MLMJOB_WAIT_SECONDS", "0"))

@@ -21,7 +21,9 @@ from job.log import log
 
 COMMIT = "COMMITTED.json"
 STATE = "train_state.json"
-_STEP = re.compile(r"/step-(\d+)/")
+# The checkpoint folder of a listed file: the last match, so that a run folder that itself
+# sits under some ".../checkpoints/step-N/" does not confuse it.
+_STEP = re.compile(r"(?:^|/)checkpoints/step-(\d+)/")
 
 
 def root(run_output: str) -> str:
@@ -31,10 +33,16 @@ def root(run_output: str) -> str:
 def _steps(run_output: str) -> dict[int, list[str]]:
     found: dict[int, list[str]] = {}
     for uri in storage.list_files(root(run_output)):
-        m = _STEP.search(uri)
-        if m:
-            found.setdefault(int(m.group(1)), []).append(uri)
+        matches = _STEP.findall(uri)
+        if matches:
+            found.setdefault(int(matches[-1]), []).append(uri)
     return found
+
+
+def _has_marker(files: list[str], step: int) -> bool:
+    """Compared by the path's tail: a local listing may spell the run folder otherwise
+    than `run.output` does (`file://`, `./`)."""
+    return any(f.endswith(f"step-{step}/{COMMIT}") for f in files)
 
 
 def committed(run_output: str) -> list[tuple[int, str]]:
@@ -43,7 +51,7 @@ def committed(run_output: str) -> list[tuple[int, str]]:
     for step, files in sorted(_steps(run_output).items(), reverse=True):
         uri = storage.join(root(run_output), f"step-{step}")
         marker = storage.join(uri, COMMIT)
-        if marker not in files:
+        if not _has_marker(files, step):
             log.warning("checkpoint %s was never committed; skipping it", uri)
             continue
         problem = _verify_sizes(uri, json.loads(storage.read_text(marker))["files"])
@@ -106,20 +114,24 @@ def save(accelerator, run_output: str, step: int, state: dict, staging: Path, ke
         merged.update(part)
     if accelerator.is_main_process:
         storage.write_text(storage.join(uri, COMMIT), json.dumps({"step": step, "files": merged}))
-        prune(run_output, keep)
+        prune(run_output, keep, saved=step)
     accelerator.wait_for_everyone()
     return uri
 
 
-def prune(run_output: str, keep: int) -> None:
-    """Keep the newest `keep` committed checkpoints; drop older and abandoned ones."""
+def prune(run_output: str, keep: int, saved: int | None = None) -> None:
+    """Keep the newest `keep` committed checkpoints up to the one just `saved`; drop older
+    and abandoned ones. Checkpoints newer than `saved` belong to a history this run left
+    (it resumed from an older one because they were damaged): they go too, so they can
+    neither outrank the checkpoint just written nor be resumed from later."""
     steps = _steps(run_output)
-    committed = sorted(s for s, files in steps.items()
-                       if any(f.endswith("/" + COMMIT) for f in files))  # fmt: skip
+    committed = sorted(s for s, files in steps.items() if _has_marker(files, s))
+    if saved is not None:
+        committed = [s for s in committed if s <= saved]
     survivors = set(committed[-keep:]) if keep > 0 else set()
     newest = committed[-1] if committed else -1
     for step in steps:
-        if step not in survivors and step <= newest:
+        if step not in survivors and (step <= newest or saved is not None):
             uri = storage.join(root(run_output), f"step-{step}")
             storage.delete(storage.join(uri, COMMIT))  # uncommit first, then remove
             storage.delete_prefix(uri)

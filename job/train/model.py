@@ -16,41 +16,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job import storage
 from job.config import ModelConfig
 from job.errors import BadInput
-from job.pretrained import load_pretrained
+from job.pretrained import config_source, load_pretrained
 
 
 def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForMaskedLM, RobertaConfig
+    from transformers import AutoModelForMaskedLM
 
-    cache = cache_dir / "models"
-    if not cfg.from_scratch:
-        model = load_pretrained(AutoModelForMaskedLM, cfg.name_or_path, cache,
-                                "model.name_or_path", attn_implementation="sdpa")  # fmt: skip
-        if model.config.vocab_size < len(tok):
-            raise BadInput(
-                f"model.name_or_path: vocabulary {model.config.vocab_size} is smaller than the "
-                f"tokenizer's {len(tok)}"
-            )
-        return model
+    config = model_config(cfg, tok, cache_dir, block_size)
+    if cfg.from_scratch:
+        return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    key, cache = "model.name_or_path", cache_dir / "models"
+    return load_pretrained(AutoModelForMaskedLM, cfg.name_or_path, cache, key, config=config,
+                           attn_implementation="sdpa")  # fmt: skip
+
+
+def model_config(cfg: ModelConfig, tok, cache_dir: Path, block_size: int):
+    """The model's config as training builds it, with the overrides applied and checked
+    against the tokenizer and the block size; reads config.json only, no weights."""
+    from transformers import AutoConfig, RobertaConfig
+
+    source = config_source(cfg.name_or_path, cache_dir / "configs")
     try:
-        config = AutoConfig.from_pretrained(storage.to_local(cfg.name_or_path, cache))
-    except (OSError, ValueError):  # a tokenizer folder, say: RoBERTa's defaults
-        config = RobertaConfig()
-    config.vocab_size = len(tok)
-    config.pad_token_id = tok.pad_token_id
-    config.bos_token_id = tok.bos_token_id
-    config.eos_token_id = tok.eos_token_id
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        if not cfg.from_scratch:
+            raise BadInput(f"model.name_or_path: cannot load '{cfg.name_or_path}': {e}") from None
+        config = RobertaConfig()  # a tokenizer folder, say: RoBERTa's defaults
+    if cfg.from_scratch:
+        config.vocab_size = len(tok)
+        config.pad_token_id, config.bos_token_id = tok.pad_token_id, tok.bos_token_id
+        config.eos_token_id = tok.eos_token_id
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
             raise BadInput(f"model.config_overrides: unknown key '{key}' for {config.model_type}")
         setattr(config, key, value)
-    if config.max_position_embeddings < block_size + 2:  # RoBERTa offsets positions by 2
-        config.max_position_embeddings = block_size + 2
+    _fit(config, tok, block_size, cfg.from_scratch)
     config._attn_implementation = "sdpa"
-    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    return config
+
+
+def _fit(config, tok, block_size: int, from_scratch: bool) -> None:
+    if config.vocab_size < len(tok):
+        raise BadInput(f"model.name_or_path: vocabulary {config.vocab_size} is smaller than the "
+                       f"tokenizer's {len(tok)}")  # fmt: skip
+    # RoBERTa-style models offset positions by pad_token_id + 1 (2 for roberta-base)
+    offset = (config.pad_token_id or 0) + 1 if "roberta" in config.model_type else 0
+    if config.max_position_embeddings >= block_size + offset:
+        return
+    if not from_scratch:
+        raise BadInput(f"data.block_size: {block_size} tokens do not fit the model's "
+                       f"{config.max_position_embeddings - offset} positions")  # fmt: skip
+    config.max_position_embeddings = block_size + offset
 
 
 def encoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
