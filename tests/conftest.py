@@ -1,4 +1,14 @@
-"""Shared fixtures: the real data in ../shared/data, a real S3 server, CLI helpers."""
+"""Shared fixtures: the data layer (real data, optional), data the tests make themselves,
+a real S3 server, CLI helpers.
+
+Most tests run on `synthetic`: ELI5-format records and a small RoBERTa-style tokenizer
+generated at the start of the session (tests/synthetic.py), so a fresh clone passes
+`make test` on its own. The few tests that need the real ELI5 file and the real roberta-base
+tokenizer (exact figures of the real file, equality with the tutorial's pipeline on it) are
+the *data layer*: marked `data` (or using the `real_data` fixture), they read the folder
+`$MLMJOB_TEST_DATA` (default `<project>/../shared/data`) and are skipped, with one line
+saying what is missing, when it is absent; with MLMJOB_REQUIRE_DATA=1 (CI) that is an error.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +29,89 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-ELI5 = SHARED / "eli5" / "eli5-category-validation-2.json.gz"
-TOKENIZER = SHARED / "roberta-base-tokenizer"
 DEMO_TOKENIZER = ROOT / "job" / "sample" / "tokenizer"
 S3_KEY, S3_SECRET = "mlmjob-test-key", "mlmjob-test-secret"  # a throwaway local server's
 
-if not ELI5.exists() or not TOKENIZER.exists():
-    raise RuntimeError(
-        f"tests need the shared data beside the project: {ELI5} and {TOKENIZER} are missing"
-    )
+
+@dataclass(frozen=True)
+class Inputs:
+    """An ELI5 file and a tokenizer folder: what a preprocess config names."""
+
+    eli5: Path
+    tokenizer: Path
+
+
+# ---- data layer -------------------------------------------------------------------------
+
+DATA = Path(os.environ.get("MLMJOB_TEST_DATA") or ROOT.parent / "shared" / "data").resolve()
+REAL = Inputs(
+    eli5=DATA / "eli5" / "eli5-category-validation-2.json.gz",
+    tokenizer=DATA / "roberta-base-tokenizer",
+)
+REQUIRE_DATA = os.environ.get("MLMJOB_REQUIRE_DATA", "") not in ("", "0")
+
+
+def data_missing() -> str | None:
+    """One line saying what of the data layer is missing and how to provide it, or None."""
+    if not DATA.is_dir():
+        what = f"{DATA} not found"
+    else:
+        gone = [p for p in (REAL.eli5, REAL.tokenizer / "tokenizer.json") if not p.exists()]
+        if not gone:
+            return None
+        what = f"{', '.join(str(p) for p in gone)} missing"
+    return (f"data layer: {what}; set MLMJOB_TEST_DATA to a folder with "
+            "eli5/eli5-category-validation-2.json.gz and roberta-base-tokenizer/ "
+            "(see ../shared/data/README.md)")  # fmt: skip
+
+
+def _need_data() -> None:
+    reason = data_missing()
+    if reason and REQUIRE_DATA:
+        pytest.fail(f"MLMJOB_REQUIRE_DATA is set but {reason}", pytrace=False)
+    if reason:
+        pytest.skip(reason)  # one place, so that -rs folds every such skip into one line
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+    reason = data_missing()
+    if reason and REQUIRE_DATA and any(item.get_closest_marker("data") for item in items):
+        raise pytest.UsageError(f"MLMJOB_REQUIRE_DATA is set but {reason}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("data"):
+        _need_data()
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Inputs:
+    """The real ELI5 file and roberta-base tokenizer (skips the test when absent)."""
+    _need_data()
+    return REAL
+
+
+# ---- data the tests make themselves -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Inputs:
+    """400 generated ELI5-Category records (gzip of one JSON array, as the real file) and a
+    byte-level BPE trained on them with roberta-base's conventions."""
+    import synthetic as gen
+
+    from job.sample.build_tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("synthetic")
+    records = gen.eli5_records(400, seed=0)
+    eli5 = gen.write_eli5(root / "eli5" / "eli5-synthetic.json.gz", records)
+    build_tokenizer(gen.texts(records), root / "tokenizer", vocab_size=2000)
+    return Inputs(eli5=eli5, tokenizer=root / "tokenizer")
+
 
 os.environ["MLMJOB_NO_PROGRESS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

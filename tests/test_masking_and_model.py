@@ -1,15 +1,19 @@
-"""Masking semantics and the masked-positions-only loss, on the real roberta tokenizer."""
+"""Masking semantics and the masked-positions-only loss, on a RoBERTa-style tokenizer (the
+demo's byte-level BPE: same special tokens and conventions as roberta-base, 948 tokens)."""
 
 import numpy as np
+import pytest
 import torch
-from conftest import TOKENIZER
+from conftest import DEMO_TOKENIZER
 from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
 from job.train.batch import MaskedBatch
 from job.train.masking import EVAL_STREAM, mask_tokens
 from job.train.model import SparseMLM
 
-TOK = AutoTokenizer.from_pretrained(TOKENIZER)
+pytestmark = pytest.mark.unit
+
+TOK = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
 SPECIAL = np.asarray(sorted(TOK.all_special_ids))
 
 

@@ -1,4 +1,5 @@
-"""Preprocessing on the real ELI5 file and the real roberta-base tokenizer."""
+"""Preprocessing on generated ELI5-format records and a RoBERTa-style tokenizer trained on
+them (conftest's `synthetic`); the data layer checks the real ELI5 file and roberta-base."""
 
 import gzip
 import json
@@ -10,26 +11,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_TOKENIZER, ELI5, ROOT, TOKENIZER, mlmjob, write_config
+from conftest import DEMO_TOKENIZER, ROOT, Inputs, mlmjob, write_config
 
 from job import storage
 from job.config import load_config
 from job.data.preprocess import preprocess
 
-ELI5_TOKENS = 874_594  # the tutorial's preprocess_function on every record of ELI5
+ELI5_TOKENS = 874_594  # the tutorial's preprocess_function on every record of the real ELI5
+ELI5_RECORDS = {"train": 1900, "test": 475}  # its 2,375 questions, split 80/20
 
 
-def eli5_config(tmp_path: Path, output: str, extra: str = "") -> Path:
+def eli5_config(src: Inputs, tmp_path: Path, output: str, extra: str = "",
+                shard_blocks: int = 100) -> Path:  # fmt: skip
     return write_config(
         tmp_path / "eli5.yaml",
         f"""
 data:
-  sources: ['{ELI5}']
+  sources: ['{src.eli5}']
   output: '{output}'
-  shard_blocks: 1000
+  shard_blocks: {shard_blocks}
 {extra}
 model:
-  name_or_path: '{TOKENIZER}'
+  name_or_path: '{src.tokenizer}'
 """,
     )
 
@@ -50,24 +53,24 @@ def read_blocks(root: Path, split: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, synthetic):
     """One single-worker run on a local folder that other tests compare against."""
     tmp = tmp_path_factory.mktemp("ref")
     out = tmp / "data"
-    run_ok("preprocess", "-c", eli5_config(tmp, out))
+    run_ok("preprocess", "-c", eli5_config(synthetic, tmp, out))
     return dataset_dir(out)
 
 
-def tutorial_ids_per_split(seed=42):
+def tutorial_ids_per_split(src: Inputs, seed=42):
     """The tutorial's pipeline with `datasets`: split, flatten, preprocess_function."""
     import datasets
     from transformers import AutoTokenizer
 
-    records = json.loads(gzip.decompress(ELI5.read_bytes()))
+    records = json.loads(gzip.decompress(src.eli5.read_bytes()))
     rows = [{"q_id": r["q_id"], "answers": {"text": r["answers"]["text"]}} for r in records]
     eli5 = datasets.Dataset.from_list(rows).train_test_split(test_size=0.2, seed=seed)
     eli5 = eli5.flatten()
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(src.tokenizer)
 
     def preprocess_function(examples):
         return tokenizer([" ".join(x) for x in examples["answers.text"]])
@@ -78,15 +81,16 @@ def tutorial_ids_per_split(seed=42):
     return {split: tokenized[split]["input_ids"] for split in ("train", "test")}
 
 
-def test_blocks_equal_the_tutorials_ids_cut_per_split(reference):
-    tutorial = tutorial_ids_per_split()
-    manifest = json.loads((reference / "manifest.json").read_text())
+def assert_blocks_equal_the_tutorials_ids_cut_per_split(root: Path, src: Inputs) -> dict:
+    """Returns the manifest; its figures are the tutorial's."""
+    tutorial = tutorial_ids_per_split(src)
+    manifest = json.loads((root / "manifest.json").read_text())
     total = 0
     for split, docs in tutorial.items():
         flat = [t for doc in docs for t in doc]
         n = len(flat) // 128
         expected = np.asarray(flat[: n * 128]).reshape(n, 128)
-        blocks = read_blocks(reference, split)
+        blocks = read_blocks(root, split)
         assert blocks.dtype == np.uint16 and manifest["dtype"] == "uint16"
         assert blocks.shape == expected.shape
         np.testing.assert_array_equal(blocks, expected)
@@ -95,15 +99,35 @@ def test_blocks_equal_the_tutorials_ids_cut_per_split(reference):
         assert info["blocks"] == n == sum(s["blocks"] for s in info["shards"])
         assert info["records"] == len(docs)
         total += len(flat)
-    assert total == ELI5_TOKENS
-    assert manifest["splits"]["train"]["records"] == 1900
-    assert manifest["splits"]["test"]["records"] == 475
+    assert total == sum(manifest["splits"][split]["tokens"] for split in tutorial)
+    return manifest
 
 
-def test_manifest_contract(reference):
+def test_blocks_equal_the_tutorials_ids_cut_per_split(reference, synthetic):
+    manifest = assert_blocks_equal_the_tutorials_ids_cut_per_split(reference, synthetic)
+    assert {k: v["records"] for k, v in manifest["splits"].items()} == {"train": 320, "test": 80}
+
+
+@pytest.fixture(scope="module")
+def real_reference(tmp_path_factory, real_data):
+    tmp = tmp_path_factory.mktemp("real")
+    run_ok("preprocess", "-c", eli5_config(real_data, tmp, tmp / "data", shard_blocks=1000))
+    return dataset_dir(tmp / "data")
+
+
+@pytest.mark.data
+def test_real_eli5_blocks_equal_the_tutorials_ids_cut_per_split(real_reference, real_data):
+    """The real file and roberta-base: the tutorial's figures, to the token."""
+    manifest = assert_blocks_equal_the_tutorials_ids_cut_per_split(real_reference, real_data)
+    assert sum(manifest["splits"][split]["tokens"] for split in ELI5_RECORDS) == ELI5_TOKENS
+    assert {k: v["records"] for k, v in manifest["splits"].items()} == ELI5_RECORDS
+    assert manifest["tokenizer"] == str(real_data.tokenizer) and manifest["vocab_size"] == 50265
+
+
+def test_manifest_contract(reference, synthetic):
     m = json.loads((reference / "manifest.json").read_text())
     assert m["dataset_id"] == reference.name
-    assert m["tokenizer"] == str(TOKENIZER) and m["block_size"] == 128
+    assert m["tokenizer"] == str(synthetic.tokenizer) and m["block_size"] == 128
     for split in ("train", "test"):
         for shard in m["splits"][split]["shards"]:
             import hashlib
@@ -113,8 +137,8 @@ def test_manifest_contract(reference):
     assert not (reference / "_work").exists()
 
 
-def test_local_and_s3_give_identical_datasets(reference, s3_prefix, tmp_path):
-    run_ok("preprocess", "-c", eli5_config(tmp_path, f"{s3_prefix}/data"))
+def test_local_and_s3_give_identical_datasets(reference, synthetic, s3_prefix, tmp_path):
+    run_ok("preprocess", "-c", eli5_config(synthetic, tmp_path, f"{s3_prefix}/data"))
     uri = f"{s3_prefix}/data/{reference.name}"
     s3_manifest = json.loads(storage.read_text(f"{uri}/manifest.json"))
     assert s3_manifest == json.loads((reference / "manifest.json").read_text())
@@ -124,19 +148,19 @@ def test_local_and_s3_give_identical_datasets(reference, s3_prefix, tmp_path):
         )
 
 
-def test_sources_read_from_s3(reference, s3_prefix, tmp_path):
+def test_sources_read_from_s3(reference, synthetic, s3_prefix, tmp_path):
     storage.configure()
-    storage.upload_file(ELI5, f"{s3_prefix}/in/eli5.json.gz")
-    cfg = eli5_config(tmp_path, tmp_path / "out")
+    storage.upload_file(synthetic.eli5, f"{s3_prefix}/in/eli5.json.gz")
+    cfg = eli5_config(synthetic, tmp_path, tmp_path / "out")
     run_ok("preprocess", "-c", cfg, "--set", f"data.sources=['{s3_prefix}/in/*.json.gz']")
     got = json.loads((dataset_dir(tmp_path / "out") / "manifest.json").read_text())
     want = json.loads((reference / "manifest.json").read_text())
     assert got["splits"] == want["splits"]
 
 
-def test_second_run_does_no_work(reference, tmp_path):
+def test_second_run_does_no_work(reference, synthetic, tmp_path):
     out = tmp_path / "data"
-    cfg = eli5_config(tmp_path, out)
+    cfg = eli5_config(synthetic, tmp_path, out)
     run_ok("preprocess", "-c", cfg)
     root = dataset_dir(out)
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
@@ -146,9 +170,9 @@ def test_second_run_does_no_work(reference, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
 
 
-def test_killed_mid_write_leaves_no_manifest_and_rerun_completes(reference, tmp_path):
+def test_killed_mid_write_leaves_no_manifest_and_rerun_completes(reference, synthetic, tmp_path):
     out = tmp_path / "data"
-    cfg = eli5_config(tmp_path, out)
+    cfg = eli5_config(synthetic, tmp_path, out)
     # Tiny shards make the write phase long enough to be killed inside it.
     args = ["preprocess", "-c", cfg, "--set", "data.shard_blocks=2"]
     proc = subprocess.Popen([sys.executable, "-m", "job", *map(str, args)], cwd=ROOT,
@@ -166,9 +190,9 @@ def test_killed_mid_write_leaves_no_manifest_and_rerun_completes(reference, tmp_
     np.testing.assert_array_equal(read_blocks(root, "test"), read_blocks(reference, "test"))
 
 
-def test_three_workers_give_the_same_dataset(reference, tmp_path):
+def test_three_workers_give_the_same_dataset(reference, synthetic, tmp_path):
     out = tmp_path / "data"
-    cfg = eli5_config(tmp_path, out)
+    cfg = eli5_config(synthetic, tmp_path, out)
     for worker in range(3):
         assert not list(out.glob("*/manifest.json"))  # only the last worker commits
         run_ok("preprocess", "-c", cfg, "--worker-index", worker, "--num-workers", 3)
@@ -196,8 +220,9 @@ def test_workers_from_indexed_job_environment(tmp_path):
     assert list(out.glob("*/manifest.json"))
 
 
-def test_subreddit_filter_and_max_records(tmp_path):
-    cfg = load_config(eli5_config(tmp_path, tmp_path / "o", "  max_records: 100"))
+@pytest.mark.unit
+def test_subreddit_filter_and_max_records(tmp_path, synthetic):
+    cfg = load_config(eli5_config(synthetic, tmp_path, tmp_path / "o", "  max_records: 100"))
     root = preprocess(cfg)
     m = json.loads(storage.read_text(f"{root}/manifest.json"))
     assert m["splits"]["train"]["records"] == 80 and m["splits"]["test"]["records"] == 20
@@ -308,22 +333,24 @@ def test_missing_source_and_tokenizer_without_mask(tmp_path):
     assert proc.stderr.strip().endswith(f"'{tmp_path}/tok' has no mask token; MLM needs one")
 
 
-def test_parquet_and_hugging_face_sources_give_the_same_dataset(reference, tmp_path):
+def test_parquet_and_hugging_face_sources_give_the_same_dataset(reference, synthetic, tmp_path):
     """Parquet through pyarrow, and the production path `datasets.load_dataset` (here on a
     local folder, since no hub is reachable): both give the JSON file's blocks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = json.loads(gzip.decompress(ELI5.read_bytes()))
+    records = json.loads(gzip.decompress(synthetic.eli5.read_bytes()))
     rows = [{"q_id": r["q_id"], "subreddit": r["subreddit"], "answers": {"text": r["answers"]["text"]}}
             for r in records]  # fmt: skip
     folder = tmp_path / "hf-eli5"
     folder.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows[:1000]), folder / "train-00000.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[1000:]), folder / "train-00001.parquet")
+    half = len(rows) // 2
+    pq.write_table(pa.Table.from_pylist(rows[:half]), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[half:]), folder / "train-00001.parquet")
     want = json.loads((reference / "manifest.json").read_text())["splits"]
     for n, source in enumerate([f"['{folder}/*.parquet']", f"[{{hf: '{folder}', split: train}}]"]):
         out = tmp_path / f"out{n}"
-        run_ok("preprocess", "-c", eli5_config(tmp_path, out), "--set", f"data.sources={source}")
+        cfg = eli5_config(synthetic, tmp_path, out)
+        run_ok("preprocess", "-c", cfg, "--set", f"data.sources={source}")
         got = json.loads((dataset_dir(out) / "manifest.json").read_text())["splits"]
         assert got == want, source

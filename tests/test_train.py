@@ -1,4 +1,5 @@
-"""Training end to end through the pod launch script (torchrun; DDP and DeepSpeed on CPU)."""
+"""Training end to end through the pod launch script (torchrun; DDP and DeepSpeed on CPU),
+on generated ELI5-format records and a RoBERTa-style tokenizer (conftest's `synthetic`)."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ELI5, ROOT, TOKENIZER, mlmjob, write_config
+from conftest import ROOT, Inputs, mlmjob, write_config
 from safetensors.torch import load_file
 
 from job import storage
@@ -42,21 +43,22 @@ train:
 """
 TIMING = {"tokens_per_s"}
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, synthetic):
     out = tmp_path_factory.mktemp("data")
-    cfg = write_config(
-        out / "c.yaml", TINY.format(run="unused", eli5=ELI5, data=out, tok=TOKENIZER)
-    )
+    cfg = write_config(out / "c.yaml", TINY.format(run="unused", eli5=synthetic.eli5, data=out,
+                                                   tok=synthetic.tokenizer))  # fmt: skip
     mlmjob("preprocess", "-c", cfg, check=True)
     return out
 
 
-def config(tmp_path: Path, data_dir, run=None, name="c.yaml") -> Path:
+def config(src: Inputs, tmp_path: Path, data_dir, run=None, name="c.yaml") -> Path:
     run = run or tmp_path / "run"
     return write_config(
-        tmp_path / name, TINY.format(run=run, eli5=ELI5, data=data_dir, tok=TOKENIZER)
+        tmp_path / name, TINY.format(run=run, eli5=src.eli5, data=data_dir, tok=src.tokenizer)
     )
 
 
@@ -114,10 +116,10 @@ def wait_for(predicate, timeout=180):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference(tmp_path_factory, synthetic, data_dir):
     """An uninterrupted 1-process run: what every resumed run must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
-    proc = launch(config(tmp, data_dir))
+    proc = launch(config(synthetic, tmp, data_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run"
 
@@ -149,17 +151,19 @@ def test_model_works_with_the_fill_mask_pipeline(reference):
     assert len(out) == 3 and all(o["sequence"].startswith("The Milky Way is a") for o in out)
 
 
-def test_completed_run_is_not_redone(reference, tmp_path):
-    proc = mlmjob("train", "-c", config(tmp_path, reference.parent / "unused"),
+def test_completed_run_is_not_redone(synthetic, reference, tmp_path):
+    proc = mlmjob("train", "-c", config(synthetic, tmp_path, reference.parent / "unused"),
                   "--set", f"run.output={reference}")  # fmt: skip
     assert proc.returncode == 0 and "run already complete" in proc.stderr
 
 
-def test_two_process_ddp_and_deepspeed_agree(tmp_path, data_dir):
+def test_two_process_ddp_and_deepspeed_agree(synthetic, tmp_path, data_dir):
     no_clip = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
-    ddp = launch(config(tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), no_clip, nproc=2)
+    ddp = launch(
+        config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), no_clip, nproc=2
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ds = launch(config(tmp_path, data_dir, tmp_path / "ds", "ds.yaml"), no_clip,
+    ds = launch(config(synthetic, tmp_path, data_dir, tmp_path / "ds", "ds.yaml"), no_clip,
                 "train.deepspeed=configs/deepspeed/zero2.json", nproc=2)  # fmt: skip
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert "DeepSpeed configs/deepspeed/zero2.json" in ds.stderr
@@ -195,8 +199,10 @@ def assert_same_as(run: Path, reference: Path, rel=1e-5, atol=1e-6):
         torch.testing.assert_close(got[k], want[k], rtol=rel, atol=atol, msg=k)
 
 
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, data_dir, reference):
-    cfg = config(tmp_path, data_dir)
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(
+    synthetic, tmp_path, data_dir, reference
+):
+    cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     proc = start(cfg)
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 8)
@@ -213,8 +219,10 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path, data_dir
     assert_same_as(run, reference)
 
 
-def test_sigkill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, data_dir, reference):
-    cfg = config(tmp_path, data_dir)
+def test_sigkill_after_checkpoint_and_resume_matches_uninterrupted(
+    synthetic, tmp_path, data_dir, reference
+):
+    cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     proc = start(cfg)
     wait_for(lambda: (run / "checkpoints" / "step-6" / "COMMITTED.json").exists())
@@ -226,8 +234,8 @@ def test_sigkill_after_checkpoint_and_resume_matches_uninterrupted(tmp_path, dat
     assert_same_as(run, reference)
 
 
-def test_two_processes_resumed_with_one_continue_at_the_same_sample(tmp_path, data_dir):
-    cfg = config(tmp_path, data_dir)
+def test_two_processes_resumed_with_one_continue_at_the_same_sample(synthetic, tmp_path, data_dir):
+    cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     proc = start(cfg, "train.keep_checkpoints=10", nproc=2)
     wait_for(lambda: (run / "checkpoints" / "step-6" / "COMMITTED.json").exists())
@@ -268,8 +276,8 @@ def test_uncommitted_or_truncated_latest_checkpoint_is_skipped(tmp_path, caplog,
         assert "model.safetensors has 50 bytes, expected 100" in caplog.text
 
 
-def test_checkpoints_and_outputs_through_s3(tmp_path, data_dir, s3_prefix):
-    cfg = config(tmp_path, data_dir, run=f"{s3_prefix}/run")
+def test_checkpoints_and_outputs_through_s3(synthetic, tmp_path, data_dir, s3_prefix):
+    cfg = config(synthetic, tmp_path, data_dir, run=f"{s3_prefix}/run")
     missing = launch(cfg, f"data.output={s3_prefix}/data")
     assert missing.returncode == 2  # no dataset on S3 yet: one clear line, exit 2
     assert "run `mlmjob preprocess` first" in missing.stderr
@@ -291,21 +299,21 @@ def test_checkpoints_and_outputs_through_s3(tmp_path, data_dir, s3_prefix):
     assert len(pipeline("fill-mask", model=str(tmp_path / "model"))("Hello <mask>.")) == 5
 
 
-def test_tokenizer_different_from_the_datasets_is_refused(tmp_path, data_dir):
+def test_tokenizer_different_from_the_datasets_is_refused(synthetic, tmp_path, data_dir):
     (manifest,) = Path(data_dir).glob("*/manifest.json")
-    proc = mlmjob("train", "-c", config(tmp_path, data_dir),
+    proc = mlmjob("train", "-c", config(synthetic, tmp_path, data_dir),
                   "--set", f"data.dataset={manifest.parent}",
                   "--set", f"model.name_or_path={ROOT}/job/sample/tokenizer")  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mlmjob: error: model.tokenizer: '{ROOT}/job/sample/tokenizer' differs from the "
-        f"dataset's tokenizer '{TOKENIZER}' ({manifest.parent})"
+        f"dataset's tokenizer '{synthetic.tokenizer}' ({manifest.parent})"
     )
 
 
-def test_train_applied_before_preprocess_waits_for_the_dataset(tmp_path):
+def test_train_applied_before_preprocess_waits_for_the_dataset(synthetic, tmp_path):
     """As `kubectl apply -k` starts every Job at once: train waits for the manifest."""
-    cfg = config(tmp_path, tmp_path / "data")
+    cfg = config(synthetic, tmp_path, tmp_path / "data")
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1", "MLMJOB_WAIT_SECONDS": "300"}
     proc = subprocess.Popen(launch_cmd(cfg, "train.max_steps=4"), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -326,14 +334,16 @@ NO_DROPOUT = ("model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
               "attention_probs_dropout_prob: 0.0}")  # fmt: skip
 
 
-def test_deepspeed_zero2_resume_matches_uninterrupted(tmp_path, data_dir):
+def test_deepspeed_zero2_resume_matches_uninterrupted(synthetic, tmp_path, data_dir):
     """ZeRO-2 checkpoints hold one optimizer partition per rank: all must come back, on the
     same number of processes and, converted to a universal checkpoint, on another one.
     Dropout is off so that 1 process x 8 samples computes what 2 x 4 do."""
     sets = ("train.deepspeed=configs/deepspeed/zero2.json", "train.max_steps=12", NO_DROPOUT)
-    ref = launch(config(tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *sets, nproc=2)
+    ref = launch(
+        config(synthetic, tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *sets, nproc=2
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
-    cfg = config(tmp_path, data_dir, tmp_path / "run", "run.yaml")
+    cfg = config(synthetic, tmp_path, data_dir, tmp_path / "run", "run.yaml")
     proc = start(cfg, *sets, nproc=2)
     wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step-6" / "COMMITTED.json").exists())
     kill_all(proc)
@@ -347,7 +357,7 @@ def test_deepspeed_zero2_resume_matches_uninterrupted(tmp_path, data_dir):
     assert_same_as(tmp_path / "run", tmp_path / "ref")
 
     # Before: ZeRORuntimeException "DP world size of 2 but the current world size is 1", exit 1
-    one = config(tmp_path, data_dir, tmp_path / "one", "one.yaml")
+    one = config(synthetic, tmp_path, data_dir, tmp_path / "one", "one.yaml")
     rescaled = launch(one, *sets, "train.per_device_batch_size=8", nproc=1)
     assert rescaled.returncode == 0, rescaled.stderr[-3000:]
     assert "to a universal checkpoint" in rescaled.stderr
@@ -365,17 +375,28 @@ def only_step_6(run: Path) -> None:
     (run / "summary.json").unlink(missing_ok=True)
 
 
-def test_gradient_accumulation_equals_data_parallel(tmp_path, data_dir):
+def test_gradient_accumulation_equals_data_parallel(synthetic, tmp_path, data_dir):
     """1 process x 2 micro-batches of 4 = 2 processes x 4: same samples, same averaged
     gradient (dropout off: the two layouts draw dropout masks from different streams)."""
     sets = (NO_DROPOUT, "train.max_steps=8", "train.eval_every_steps=8")
-    accum = launch(config(tmp_path, data_dir, tmp_path / "accum", "a.yaml"), *sets,
+    accum = launch(config(synthetic, tmp_path, data_dir, tmp_path / "accum", "a.yaml"), *sets,
                    "train.gradient_accumulation_steps=2", nproc=1)  # fmt: skip
     assert accum.returncode == 0, accum.stderr[-3000:]
-    ddp = launch(config(tmp_path, data_dir, tmp_path / "ddp", "d.yaml"), *sets, nproc=2)
+    ddp = launch(config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "d.yaml"), *sets, nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert [e["samples"] for e in events(tmp_path / "accum")] == [8 * k for k in range(1, 9)]
     assert_same_as(tmp_path / "accum", tmp_path / "ddp")
+
+
+def tiny_model_parameters(tokenizer: Path) -> int:
+    """The parameter count of TINY's model on this tokenizer (tied weights counted once)."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=128,
+                           pad_token_id=tok.pad_token_id)  # fmt: skip
+    return sum(p.numel() for p in RobertaForMaskedLM(config).parameters())
 
 
 def optimizer_line(stderr: str) -> str:
@@ -384,19 +405,22 @@ def optimizer_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_zero3_decays_what_ddp_decays_and_trains_the_same(tmp_path, data_dir, nproc):
+def test_zero3_decays_what_ddp_decays_and_trains_the_same(synthetic, tmp_path, data_dir, nproc):
     """Before: under ZeRO-3 every parameter was an empty 1-D partition when the optimizer
     grouped them, so none had weight decay, and summary.parameters counted partitions."""
     sets = ("train.max_grad_norm=1.0e9", "train.max_steps=12")  # DeepSpeed clips its own way
-    ddp = launch(config(tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), *sets, nproc=nproc)
+    ddp = launch(
+        config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), *sets, nproc=nproc
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    z3 = launch(config(tmp_path, data_dir, tmp_path / "z3", "z3.yaml"), *sets,
+    z3 = launch(config(synthetic, tmp_path, data_dir, tmp_path / "z3", "z3.yaml"), *sets,
                 "train.deepspeed=configs/deepspeed/zero3.json", nproc=nproc)  # fmt: skip
     assert z3.returncode == 0, z3.stderr[-3000:]
     assert optimizer_line(z3.stderr) == optimizer_line(ddp.stderr)
     assert optimizer_line(ddp.stderr).startswith("AdamW, weight decay on 16 tensors")
     a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("ddp", "z3"))
-    assert a["parameters"] == b["parameters"] > 3_000_000  # the 50k x 64 embedding included
+    # the whole model, vocabulary x 64 embedding included, never ZeRO-3's partitions
+    assert a["parameters"] == b["parameters"] == tiny_model_parameters(synthetic.tokenizer)
     got, want = events(tmp_path / "z3"), events(tmp_path / "ddp")
     assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-4)
     got, want = events(tmp_path / "z3", "eval"), events(tmp_path / "ddp", "eval")
@@ -412,7 +436,7 @@ def blocks(data_dir, split="train") -> int:
 
 @pytest.mark.parametrize("deepspeed", [None, "configs/deepspeed/zero2.json"])
 def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epochs(
-    tmp_path, data_dir, deepspeed
+    synthetic, tmp_path, data_dir, deepspeed
 ):
     """Before: the schedule was in steps, so halving the global batch at a resume trained
     for ~2.6 of 2 epochs, and the learning rate jumped."""
@@ -420,7 +444,7 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
             "train.checkpoint_every_steps=1000"]  # fmt: skip
     if deepspeed:
         sets.append(f"train.deepspeed={deepspeed}")
-    cfg = config(tmp_path, data_dir)
+    cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     proc = start(cfg, *sets, nproc=2)
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 5)
@@ -449,9 +473,11 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
     assert seen_before == total
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir, reference):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    synthetic, tmp_path, data_dir, reference
+):
     """Before: a checksum mismatch raised, so every retry failed on the same checkpoint."""
-    cfg = config(tmp_path, data_dir)
+    cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     proc = start(cfg)
     wait_for(lambda: (run / "checkpoints" / "step-12" / "COMMITTED.json").exists())
@@ -471,10 +497,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
     assert_same_as(run, reference)
 
 
-def test_one_download_per_shard_for_the_ranks_of_a_node(tmp_path, data_dir, s3_prefix, s3_proxy):
+def test_one_download_per_shard_for_the_ranks_of_a_node(
+    synthetic, tmp_path, data_dir, s3_prefix, s3_proxy
+):
     """Before: every rank downloaded (and hashed) every shard: 8 GPUs, 8 copies a node."""
     data = f"{s3_prefix}/data"
-    cfg = config(tmp_path, data_dir, run=f"{s3_prefix}/run")
+    cfg = config(synthetic, tmp_path, data_dir, run=f"{s3_prefix}/run")
     mlmjob("preprocess", "-c", cfg, "--set", f"data.output={data}", "--set",
            "data.shard_blocks=64", check=True)  # fmt: skip
     s3_proxy.reset()
