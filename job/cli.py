@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from job import env, storage
+from job.config import dump_yaml, load_config
 from job.errors import EXIT_BAD_INPUT, EXIT_RETRY, BadInput, StorageError, TransientStorageError
+from job.log import setup_logging
+
+# The commands' modules import torch (seconds): each is imported when its command runs, so
+# that `mlmjob validate` answers at once.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +45,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from job.log import setup_logging
-
     setup_logging()
     try:
         code = _run(args)
@@ -56,18 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(code: int) -> None:
     """Under job.launch, leave the exit code where the launcher reads it (torchrun hides it)."""
-    from pathlib import Path
-
-    from job import env
-
     if env.exit_dir():
         Path(env.exit_dir(), f"rank-{env.rank()}").write_text(str(code))
 
 
 def _run(args) -> int:
-    from job import env, storage
-    from job.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     if args.command == "validate":
@@ -89,8 +87,6 @@ def _run(args) -> int:
 
 
 def _validate(cfg, preflight: bool) -> int:
-    from job.config import dump_yaml
-
     if not preflight:
         print(dump_yaml(cfg), end="")
         return 0

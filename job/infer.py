@@ -35,6 +35,7 @@ from job.data.sources import read_input
 from job.errors import BadInput
 from job.log import bar, log
 from job.pretrained import load_pretrained
+from job.train.model import encoder_and_head
 
 MASK = "<mask>"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")  # kept out of part names (URIs, shells, globs)
@@ -119,8 +120,6 @@ class FillMask:
     ):
         import torch
         from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-        from job.train.model import encoder_and_head
 
         cache = cache_dir / "models"
         self.tok = load_pretrained(AutoTokenizer, model_uri, cache, "infer.model")

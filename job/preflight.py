@@ -18,8 +18,12 @@ from pathlib import Path
 
 from job import env, storage
 from job.config import Config, dump_yaml
+from job.data import shards
+from job.data.blocks import load_tokenizer
 from job.errors import BadInput, StorageError, TransientStorageError
 from job.pretrained import expect_files
+from job.train.accel import deepspeed_config
+from job.train.model import model_config
 
 
 @dataclass
@@ -78,7 +82,6 @@ def _sources(cfg: Config, report: Report) -> None:
 
 
 def _tokenizer(cfg: Config, report: Report):
-    from job.data.blocks import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
     report.plan.append(f"tokenizer: {cfg.tokenizer} ({len(tok):,} tokens, mask {tok.mask_token})")
@@ -86,7 +89,6 @@ def _tokenizer(cfg: Config, report: Report):
 
 
 def _model(cfg: Config, tok, report: Report) -> None:
-    from job.train.model import model_config
 
     m = cfg.model
     if not m.from_scratch:
@@ -105,7 +107,6 @@ def _has_weights(uri: str, key: str) -> None:
 
 
 def _deepspeed(cfg: Config) -> None:
-    from job.train.accel import deepspeed_config
 
     if cfg.train.deepspeed:
         deepspeed_config(cfg, "fp32")
@@ -171,7 +172,6 @@ def _infer_inputs(cfg: Config, report: Report) -> None:
 
 def _train_plan(cfg: Config, tok, report: Report) -> None:
     """The global batch on this many processes and, once the dataset exists, the steps."""
-    from job.data import shards
 
     t = cfg.train
     world = env.planned_world_size()

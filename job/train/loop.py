@@ -29,6 +29,8 @@ from job.train.accel import Preemption, build_accelerator, load_universal
 from job.train.batch import MaskedBatch
 from job.train.masking import EVAL_STREAM, mask_tokens
 from job.train.metrics import Metrics, write_summary
+from job.train.model import SparseMLM, compile_layers, load_model
+from job.train.optim import build_optimizer, count_parameters
 from job.train.prefetch import Prefetcher
 from job.train.schedule import Schedule
 from job.train.state import TrainState
@@ -133,9 +135,6 @@ class Trainer:
 
     def _build_model(self) -> None:
         from accelerate.utils import set_seed
-
-        from job.train.model import SparseMLM, compile_layers, load_model
-        from job.train.optim import build_optimizer
 
         cfg = self.cfg
         set_seed(cfg.run.seed)  # the same initial weights (and dropout stream) in every run
@@ -431,7 +430,6 @@ class Trainer:
         storage.upload_dir(local, storage.join(out, "model"))
 
     def _summary(self) -> dict:
-        from job.train.optim import count_parameters
 
         st, cfg, device = self.state, self.cfg, self.accelerator.device
         ev = st.last_eval or {}

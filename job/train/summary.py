@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from job.train.model import flops_per_token
+
 # Dense bf16 peak per GPU (no sparsity), from the vendors' data sheets.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                    "L4": 121e12, "A10G": 125e12, "V100": 125e12}  # fmt: skip
@@ -20,7 +22,6 @@ def peak_flops(name: str) -> float | None:
 def mfu(config, seq_len, mask_fraction, tokens_per_s, world, device) -> float | None:
     """Model FLOPs utilisation: the FLOPs the model needs (job.train.model.flops_per_token:
     what SparseMLM computes, not the full-head FLOPs) over the GPUs' dense bf16 peak."""
-    from job.train.model import flops_per_token
 
     peak = peak_flops(device_name(device))
     if peak is None:
