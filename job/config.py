@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     Strict,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -45,15 +46,43 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """One input: a storage URI or glob (`uri`), or a Hugging Face dataset (`hf` + `split`)."""
 
-    uri: str | None = None
-    hf: str | None = None
-    hf_config: str | None = None
-    split: str | None = None
+    uri: str | None = Field(
+        None, description="a file, folder or glob: local, `s3://bucket/...`, or "
+        "`hf://datasets/OWNER/NAME/PATH` (Hub files, streamed)",
+    )  # fmt: skip
+    hf: str | None = Field(
+        None, description="a `datasets.load_dataset` path: a Hub id, a local folder, or a "
+        "builder (`json`, `parquet`) with `data_files`",
+    )  # fmt: skip
+    hf_config: str | None = Field(None, description="the dataset's config (subset) name")
+    split: str | None = Field(None, description="the split to read (default `train`)")
+    revision: str | None = Field(
+        None, description="Hub branch, tag or commit, e.g. `refs/convert/parquet` (the Hub's "
+        "Parquet export of a script-based dataset); also for `hf://` URIs",
+    )  # fmt: skip
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="`load_dataset`'s `data_files`: paths or globs, or a mapping of "
+        "split to them",
+    )  # fmt: skip
+    streaming: bool = Field(
+        False, description="`load_dataset(streaming=True)`: read as it downloads, no local "
+        "Arrow copy of the whole split",
+    )  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"uri": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_new_keys(self, handler) -> dict:
+        """Keys added after datasets were first made are left out at their defaults: the
+        dump feeds the dataset id, which must not change for an unchanged config."""
+        data = handler(self)
+        for key, default in (("revision", None), ("data_files", None), ("streaming", False)):
+            if data.get(key) == default:
+                data.pop(key, None)
+        return data
 
 
 class RunConfig(_Section):

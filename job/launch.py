@@ -8,6 +8,9 @@ Reads what Kubernetes (or a test, or a laptop) puts in the environment and start
     JOB_COMPLETION_INDEX     this pod's index in the Indexed Job = node rank (default 0)
     MASTER_ADDR, MASTER_PORT rendezvous endpoint: pod 0's stable DNS name (default loopback)
     MLMJOB_RDZV_ID           rendezvous id shared by the pods of one job (default mlmjob)
+    MLMJOB_RDZV_BACKEND      c10d (default) or static: node rank = JOB_COMPLETION_INDEX, rank 0
+                             hosts the store whatever its DNS record says, the others retry
+                             MASTER_ADDR for MLMJOB_RDZV_TIMEOUT seconds (default 1800)
 
 Exit codes are the job's (0 done, 2 bad input, 3 preempted with a checkpoint, 1 retry):
 torchrun itself reports every worker failure as 1, so workers leave their code in a
@@ -37,6 +40,16 @@ def torchrun_command(args: list[str], env: dict) -> list[str]:
     else:
         host = env.get("MASTER_ADDR", "127.0.0.1")
         port = env.get("MASTER_PORT", "29500")
+        if env.get("MLMJOB_RDZV_BACKEND") == "static":  # k8s: pod 0 hosts, no DNS lookup
+            return cmd + [
+                f"--nnodes={nnodes}",
+                f"--node-rank={env.get('JOB_COMPLETION_INDEX', '0')}",
+                "--rdzv-backend=static",
+                f"--rdzv-endpoint={host}:{port}",
+                f"--rdzv-conf=timeout={env.get('MLMJOB_RDZV_TIMEOUT', '1800')}",
+                "--max-restarts=0",
+                "-m", "job", *args,
+            ]  # fmt: skip
         cmd += [
             f"--nnodes={nnodes}",
             f"--node-rank={env.get('JOB_COMPLETION_INDEX', '0')}",

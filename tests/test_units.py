@@ -4,9 +4,9 @@ No subprocess, no S3, no network; local storage is a temp folder. Every expected
 worked out here (by hand, by `transformers`' or `datasets`' own code), not read back from
 the code under test.
 
-Tests marked `xfail(strict=True, reason="BUG: ...")` show a defect in job/ that is not
-fixed yet: they fail today, and turn into an XPASS (a failure under strict) the moment the
-bug is fixed, so that the marker gets removed.
+Several tests here found defects (checkpoint lookup under `file://`/`./` run folders and
+under a `.../checkpoints/step-N/` parent, pruning of the checkpoint just saved after a
+fallback, malformed-record examples that depended on the worker count); fixed since.
 """
 
 from __future__ import annotations
@@ -183,25 +183,14 @@ def test_a_missing_file_makes_a_checkpoint_damaged(tmp_path, caplog):
     assert f"checkpoint {uri} is damaged (rng_0.pth is missing); skipping it" in caplog.text
 
 
-BUG_NORMALISED = (
-    "BUG: committed() looks for storage.join(uri, COMMIT) in list_files(), whose local paths "
-    "pathlib normalises: with run.output 'file:///x/run' or './run' no checkpoint is ever "
-    "committed, so a preempted or retried run starts again from step 0"
-)
-BUG_STEP_IN_PATH = (
-    "BUG: _STEP searches the whole URI: under a run folder with a '/step-N/' component every "
-    "file maps to step N and no checkpoint is found"
-)
-
-
 @pytest.mark.parametrize(
     "where",
     [
         "abs",
         "abs/",
-        pytest.param("file://", marks=pytest.mark.xfail(strict=True, reason=BUG_NORMALISED)),
-        pytest.param("./rel", marks=pytest.mark.xfail(strict=True, reason=BUG_NORMALISED)),
-        pytest.param("step-dir", marks=pytest.mark.xfail(strict=True, reason=BUG_STEP_IN_PATH)),
+        "file://",
+        "./rel",
+        "step-dir",
     ],
 )
 def test_latest_for_every_spelling_of_a_local_run_folder(tmp_path, monkeypatch, where):
@@ -287,11 +276,6 @@ def test_fetch_gives_none_when_every_checkpoint_is_damaged(tmp_path):
     assert checkpoint.fetch(accelerator(), run, tmp_path / "staging") is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: prune() ranks checkpoints by step number among those with a marker, damaged or "
-    "not. After a fallback from a damaged step-12 to step-6, the resumed run's next save "
-    "(step 9: a SIGTERM or an epoch end) is deleted at once with keep_checkpoints=1, and so "
-    "is step 6: the retry finds only the damaged step-12 and starts from step 0"))  # fmt: skip
 @pytest.mark.parametrize("truncate", [False, True], ids=["checksum", "size"])
 def test_a_save_after_a_fallback_survives_its_prune(tmp_path, truncate):
     run, staging = str(tmp_path / "run"), tmp_path / "staging"
@@ -299,7 +283,8 @@ def test_a_save_after_a_fallback_survives_its_prune(tmp_path, truncate):
     damage(write_ckpt(run, 12), truncate=truncate)
     assert checkpoint.fetch(accelerator(), run, staging).step == 6
     write_ckpt(run, 9)  # what save() uploads and commits, then it prunes:
-    checkpoint.prune(run, keep=1)
+    checkpoint.prune(run, keep=1, saved=9)
+    assert sorted(checkpoint._steps(run)) == [9]  # the damaged, abandoned step-12 is gone
     got = checkpoint.fetch(accelerator(), run, staging)
     assert got is not None and got.step == 9
 
@@ -473,11 +458,6 @@ def test_parts_load_back_in_stream_order(tmp_path, monkeypatch, tok, stream, num
             assert got.tolist() == encode(tok, [text], dtype)[0].tolist(), i
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _load_parts concatenates the malformed examples part by part (worker order, at "
-    "most 20 per part), not in stream order: the manifest's malformed_examples, and the "
-    "'first:' record the bad-fraction error names, depend on the number of workers, though "
-    "N workers should write byte-for-byte the dataset one worker does"))  # fmt: skip
 def test_malformed_examples_do_not_depend_on_the_worker_count(tmp_path, monkeypatch, tok, stream):
     _, one = parts_for(stream, tok, str(tmp_path / "one"), 1, monkeypatch)
     _, two = parts_for(stream, tok, str(tmp_path / "two"), 2, monkeypatch)

@@ -1,22 +1,34 @@
 """`mlmjob preprocess`: ELI5 records -> tokenized, packed, sharded block dataset.
 
 Work is split so that N workers (the pods of an Indexed Job) produce byte-for-byte the
-dataset one worker does:
+dataset one worker does, in memory that does not grow with the input:
 
-1. Every worker reads the record stream (cheap next to tokenizing) and tokenizes the
-   chunks of CHUNK records whose index is congruent to its worker index mod N, writing one
-   `_work/part-{i}-of-{N}.npz` atomically. A part that exists is not redone.
-2. Whichever worker sees all N parts finalizes: it puts the records back in stream order,
-   splits them with the same seeded permutation `datasets.train_test_split` uses,
-   concatenates each split's ids in that order, packs blocks, writes shards and, last,
-   the manifest. Two workers finalizing at once write identical bytes.
+1. Every worker reads the record stream and tokenizes the chunks of CHUNK records whose
+   index is congruent to its worker index mod N, ENCODE_BATCH records at a time, appending
+   the token ids and per-record lengths to two `.npy` files as it goes (on local disk, then
+   uploaded; multipart on S3). Records of other workers' chunks are counted, not decoded,
+   where the format allows (see sources.iter_records). The part is committed by a small
+   `_work/part-{i}-of-{N}.npz` written last (record and token counts, the first malformed
+   records with their stream positions). A committed part is not redone.
+2. Whichever worker sees all N parts finalizes: it fetches the parts to the node-local
+   cache, maps them (no copy in memory), puts the records back in stream order as an index
+   (part, offset, length per record), splits the record indices with the same seeded
+   permutation `datasets.train_test_split` uses, and streams each split's ids in that order
+   into shards, writing each shard as soon as it is full, then, last, the manifest. Two
+   workers finalizing at once write identical bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import mmap
+import os
 import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -24,13 +36,15 @@ from job import storage
 from job.config import Config
 from job.data import blocks as blocks_mod
 from job.data import shards
-from job.data.sources import Record, iter_records
+from job.data.sources import iter_records
 from job.errors import BadInput
 from job.log import bar, log
 
 CHUNK = 1000  # records per unit of work handed round-robin to workers
 ENCODE_BATCH = 2048  # texts per encode_batch call: large enough to keep every core busy
 MAX_LOGGED_BAD = 20
+GATHER_BATCH = 1 << 16  # records gathered at a time when writing shards
+PART_FORMAT = 2  # 1: one .npz holding the ids (read still); 2: .npy files beside the marker
 
 
 def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
@@ -59,7 +73,12 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
 
 
 def _part_uri(root: str, worker: int, num_workers: int) -> str:
+    """The part's commit marker; its arrays are `_part_file(marker, "ids"|"lengths")`."""
     return storage.join(root, "_work", f"part-{worker:05d}-of-{num_workers:05d}.npz")
+
+
+def _part_file(part_uri: str, name: str) -> str:
+    return f"{part_uri.removesuffix('.npz')}.{name}.npy"
 
 
 def _mine(records, worker: int, num_workers: int):
@@ -68,76 +87,247 @@ def _mine(records, worker: int, num_workers: int):
             yield rec
 
 
+def _owner(j: int, num_workers: int) -> int:
+    return (j // CHUNK) % num_workers
+
+
+# ---- 1. a worker's part ----------------------------------------------------------------
+
+
+class NpyAppender:
+    """A 1-D `.npy` file written as it grows: a header sized for any length first, the
+    data appended, the header rewritten with the final length at the end (numpy's own
+    header for a 1-D array is 128 bytes for every length below 10**40)."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.dtype, self.length = np.dtype(dtype), 0
+        self.f = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._header(0)
+        self.data_offset = self.f.tell()
+
+    def _header(self, length: int) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (length,)}  # fmt: skip
+        np.lib.format.write_array_header_1_0(self.f, header)
+
+    def append(self, array: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+        self.length += len(array)
+
+    def close(self) -> None:
+        self.f.seek(0)
+        self._header(self.length)
+        if self.f.tell() != self.data_offset:  # never: numpy pads every such header to 128
+            raise RuntimeError(f"{self.f.name}: npy header changed size")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+@contextmanager
+def _staged(uri: str, cfg: Config):
+    """A local path to write `uri`'s content to; published to `uri` when the block succeeds
+    (a rename beside a local target; upload_file, multipart for large files, on S3)."""
+    if storage.is_s3(uri):
+        folder = Path(cfg.cache_dir) / "preprocess-staging"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{uuid.uuid4().hex}.npy"
+        try:
+            yield tmp
+            storage.upload_file(tmp, uri)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        with storage.atomic_path(storage.local_path(uri)) as tmp:
+            yield tmp
+
+
 def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: str) -> None:
     start = time.perf_counter()
     dtype = blocks_mod.id_dtype(len(tok))
-    ids_parts, lengths = [], []
-    bad: list[str] = []
-    batch: list[Record] = []
-    tokens = 0
-    # Reading is cheap next to tokenizing: read this worker's share first so that the bar
-    # knows its total and shows an ETA.
-    records = list(_mine(iter_records(cfg.data), worker, num_workers))
-    progress = bar(desc=f"tokenize (worker {worker}/{num_workers})", total=len(records),
-                   unit=" rec")  # fmt: skip
+    bad: list[tuple[int, str]] = []  # (stream index, "origin: error"), the first few
+    bad_count = records = tokens = 0
+    progress = bar(desc=f"tokenize (worker {worker}/{num_workers})", unit=" rec")
+    chunk = CHUNK  # read once: the stream and the finalizer must agree on it
 
-    def flush():
-        nonlocal tokens
-        texts = [r.text for r in batch if r.text is not None]
-        ids, lens = blocks_mod.encode(tok, texts, dtype)
-        it = iter(lens.tolist())
-        lengths.extend(next(it) if r.text is not None else -1 for r in batch)
-        ids_parts.append(ids)
-        tokens += len(ids)
-        progress.update(len(batch))
-        progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
-        batch.clear()
+    def keep(j: int) -> bool:
+        return (j // chunk) % num_workers == worker
 
-    for rec in records:
-        if rec.error is not None:
-            if len(bad) < MAX_LOGGED_BAD:
-                log.warning("skipping %s: %s", rec.origin, rec.error)
-            bad.append(f"{rec.origin}: {rec.error}")
-        batch.append(rec)
-        if len(batch) >= ENCODE_BATCH:
-            flush()
-    flush()
-    progress.close()
+    with (
+        _staged(_part_file(part_uri, "ids"), cfg) as ids_path,
+        _staged(_part_file(part_uri, "lengths"), cfg) as lengths_path,
+    ):
+        ids_out, lengths_out = NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64)
+        batch: list = []
+
+        def flush():
+            nonlocal tokens
+            texts = [r.text for r in batch if r.text is not None]
+            ids, lens = blocks_mod.encode(tok, texts, dtype)
+            it = iter(lens.tolist())
+            lengths = [next(it) if r.text is not None else -1 for r in batch]
+            ids_out.append(ids)
+            lengths_out.append(np.asarray(lengths, dtype=np.int64))
+            tokens += len(ids)
+            progress.update(len(batch))
+            progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
+            batch.clear()
+
+        for j, rec in _mine(enumerate(iter_records(cfg.data, keep=keep)), worker, num_workers):
+            records += 1
+            if rec.error is not None:
+                if bad_count < MAX_LOGGED_BAD:
+                    log.warning("skipping %s: %s", rec.origin, rec.error)
+                    bad.append((j, f"{rec.origin}: {rec.error}"))
+                bad_count += 1
+            batch.append(rec)
+            if len(batch) >= ENCODE_BATCH:
+                flush()
+        flush()
+        progress.close()
+        ids_out.close()
+        lengths_out.close()
     buf = io.BytesIO()
     np.savez(
         buf,
-        ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype),
-        lengths=np.asarray(lengths, dtype=np.int64),
-        bad=np.asarray(bad[:MAX_LOGGED_BAD], dtype=np.str_),
-        bad_count=np.asarray(len(bad)),
+        format=np.asarray(PART_FORMAT),
+        records=np.asarray(records),
+        tokens=np.asarray(tokens),
+        bad=np.asarray([b for _, b in bad], dtype=np.str_),
+        bad_index=np.asarray([j for j, _ in bad], dtype=np.int64),
+        bad_count=np.asarray(bad_count),
     )
-    storage.write_bytes(part_uri, buf.getvalue())
+    storage.write_bytes(part_uri, buf.getvalue())  # the commit point of the part
     seconds = time.perf_counter() - start
     log.info(
         "worker %d: %d records (%d malformed), %d tokens in %.1f s (%.0f tokens/s)",
-        worker, len(lengths), len(bad), tokens, seconds, tokens / max(seconds, 1e-9),
+        worker, records, bad_count, tokens, seconds, tokens / max(seconds, 1e-9),
     )  # fmt: skip
 
 
-def _load_parts(parts: list[str]):
-    """Records of all parts back in stream order: (ids per record, bad count, samples)."""
-    per_part, bad_count, bad_samples = [], 0, []
-    for uri in parts:
-        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
-            ids, lengths = z["ids"], z["lengths"]
-            bad_count += int(z["bad_count"])
-            bad_samples += [str(s) for s in z["bad"]]
-        ends = np.cumsum(np.maximum(lengths, 0))
-        starts = ends - np.maximum(lengths, 0)
-        records = [
-            ids[s:e] if n >= 0 else None for s, e, n in zip(starts, ends, lengths, strict=True)
+# ---- 2. finalizing ---------------------------------------------------------------------
+
+
+def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap | None]:
+    """A local .npy file as a read-only array over a memory map (and the map, so that its
+    pages can be released: mapped pages count as the process's memory until then)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]  # fmt: skip
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+        if fortran or len(shape) != 1:
+            raise ValueError(f"{path}: expected a 1-D array")
+        if shape[0] == 0:
+            return np.zeros(0, dtype), None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=dtype, count=shape[0], offset=offset), mm
+
+
+class Parts:
+    """Every worker's part, mapped, and the records in stream order as an index."""
+
+    def __init__(self, cfg: Config, root: str, parts: list[str]):
+        self._maps: list[mmap.mmap] = []
+        self._fetched: list[Path] = []
+        self.ids: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        bad: list[tuple[int, str]] = []
+        self.bad_count = 0
+        legacy_order = False
+        for uri in parts:
+            with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
+                self.bad_count += int(z["bad_count"])
+                if "format" in z:
+                    bad += zip(z["bad_index"].tolist(), [str(s) for s in z["bad"]], strict=True)
+                    ids, n = self._fetch(cfg, root, _part_file(uri, "ids"))
+                    lens, _ = self._fetch(cfg, root, _part_file(uri, "lengths"))
+                    if len(lens) != int(z["records"]) or n != int(z["tokens"]):
+                        raise RuntimeError(f"{uri}: the part's files disagree with its marker")
+                else:  # a part written by the earlier format (ids in the .npz)
+                    ids, lens = z["ids"], z["lengths"]
+                    bad += [(-1, str(s)) for s in z["bad"]]
+                    legacy_order = True
+            self.ids.append(ids)
+            lengths.append(np.asarray(lens))
+        if not legacy_order:
+            bad.sort(key=lambda b: b[0])  # stream order, whatever the number of workers
+        self.bad_samples = [b for _, b in bad][:MAX_LOGGED_BAD]
+        self._index(lengths)
+
+    def _fetch(self, cfg: Config, root: str, uri: str) -> tuple[np.ndarray, int]:
+        if storage.is_s3(uri):
+            loc = storage.split_s3(uri)
+            path = Path(cfg.cache_dir) / "preprocess" / loc.bucket / loc.key
+            storage.download_file(uri, path)
+            self._fetched.append(path)
+        else:
+            path = storage.local_path(uri)
+        array, mm = _map_npy(path)
+        if mm is not None:
+            self._maps.append(mm)
+        return array, len(array)
+
+    def _index(self, lengths: list[np.ndarray]) -> None:
+        """Stream position j -> (part, offset in its ids, length; -1: malformed)."""
+        num_workers = len(lengths)
+        self.n = n = sum(len(x) for x in lengths)
+        j = np.arange(n, dtype=np.int64)
+        chunk = j // CHUNK
+        part = chunk % num_workers
+        local = (chunk // num_workers) * CHUNK + j % CHUNK
+        del j, chunk
+        self.part = part.astype(np.int32)
+        self.start = np.empty(n, np.int64)
+        self.length = np.empty(n, np.int64)
+        for w, lens in enumerate(lengths):
+            mine = np.flatnonzero(part == w)
+            if len(mine) != len(lens):
+                raise RuntimeError(
+                    f"part {w} holds {len(lens)} records, the stream gives it {len(mine)}: "
+                    "parts of different inputs?"
+                )
+            sizes = np.maximum(lens, 0)
+            starts = np.cumsum(sizes) - sizes
+            self.start[mine] = starts[local[mine]]
+            self.length[mine] = lens[local[mine]]
+
+    def gather(self, records: np.ndarray) -> np.ndarray:
+        """The ids of these (well-formed) records, concatenated in this order."""
+        ids = self.ids
+        pieces = [
+            ids[p][s : s + n]
+            for p, s, n in zip(
+                self.part[records].tolist(),
+                self.start[records].tolist(),
+                self.length[records].tolist(),
+                strict=True,
+            )
         ]
-        per_part.append([records[i : i + CHUNK] for i in range(0, len(records), CHUNK)])
-    ordered = []
-    num_workers = len(parts)
-    for c in range(sum(len(p) for p in per_part)):
-        ordered += per_part[c % num_workers][c // num_workers]
-    return ordered, bad_count, bad_samples[:MAX_LOGGED_BAD]
+        dtype = ids[0].dtype if ids else np.uint16
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process (they stay in the page cache)."""
+        for mm in self._maps:
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.ids = []
+        for mm in self._maps:
+            with contextlib.suppress(BufferError):  # still referred to: the GC closes it
+                mm.close()
+        for path in self._fetched:
+            path.unlink(missing_ok=True)
+
+
+def _load_parts(parts: list[str], cfg: Config | None = None):
+    """Records of all parts back in stream order: (ids per record or None, bad count, the
+    first malformed records). For small datasets and tests; finalize streams instead."""
+    p = Parts(cfg or Config(), "", parts)
+    records = [p.gather(np.asarray([j])).copy() if p.length[j] >= 0 else None for j in range(p.n)]
+    return records, p.bad_count, p.bad_samples
 
 
 def split_indices(n: int, test_size: float, seed: int) -> dict[str, np.ndarray]:
@@ -148,9 +338,16 @@ def split_indices(n: int, test_size: float, seed: int) -> dict[str, np.ndarray]:
 
 
 def finalize(cfg: Config, tok, root: str, parts: list[str]) -> dict:
+    records = Parts(cfg, root, parts)
+    try:
+        return _finalize(cfg, tok, root, records)
+    finally:
+        records.close()
+
+
+def _finalize(cfg: Config, tok, root: str, records: Parts) -> dict:
     d = cfg.data
-    records, bad_count, bad_samples = _load_parts(parts)
-    n = len(records)
+    n, bad_count, bad_samples = records.n, records.bad_count, records.bad_samples
     if n == 0:
         raise BadInput("data.sources: the sources hold no records")
     if bad_count / n > d.max_bad_fraction:
@@ -175,20 +372,23 @@ def finalize(cfg: Config, tok, root: str, parts: list[str]) -> dict:
         "malformed_examples": bad_samples,
         "splits": {},
     }
-    total_tokens = 0
     for split, order in split_indices(n, d.test_size, cfg.run.seed).items():
-        kept = [records[i] for i in order.tolist() if records[i] is not None]
-        flat = np.concatenate(kept) if kept else np.zeros(0, dtype)
-        packed = blocks_mod.pack(flat, d.block_size)
-        with bar(desc=f"write {split}", total=len(packed), unit=" blocks") as progress:
-            entries = shards.write_split(root, split, packed, d.shard_blocks, progress)
+        kept = order[records.length[order] >= 0]
+        tokens = int(records.length[kept].sum())
+        blocks = tokens // d.block_size
+        with bar(desc=f"write {split}", total=blocks, unit=" blocks") as progress:
+            writer = shards.SplitWriter(root, split, d.block_size, d.shard_blocks, dtype,
+                                        progress)  # fmt: skip
+            for at in range(0, len(kept), GATHER_BATCH):
+                writer.add(records.gather(kept[at : at + GATHER_BATCH]))
+                records.release()
+            entries = writer.close()
         manifest["splits"][split] = {
             "records": len(kept),
-            "tokens": int(len(flat)),
-            "blocks": len(packed),
+            "tokens": tokens,
+            "blocks": blocks,
             "shards": entries,
         }
-        total_tokens += len(flat)
     shards.write_manifest(root, manifest)  # the commit point
     storage.delete_prefix(storage.join(root, "_work"))
     return manifest

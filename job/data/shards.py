@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,62 @@ def write_split(root: str, split: str, blocks: np.ndarray, shard_blocks: int, pr
         if progress is not None:
             progress.update(len(part))
     return shards
+
+
+_SINGLE_PUT = 1 << 30  # larger shards go to S3 through a multipart upload
+
+
+class SplitWriter:
+    """write_split, streaming: token ids are added in the split's order and cut into
+    blocks; each shard is written as soon as it holds `shard_blocks` blocks, the last one
+    with what is left, and a remainder shorter than a block is dropped. The shards (bytes,
+    names, entries) are those write_split writes for the packed split; memory is one shard.
+    """
+
+    def __init__(self, root: str, split: str, block_size: int, shard_blocks: int,
+                 dtype: np.dtype, progress=None):  # fmt: skip
+        self.root, self.split, self.progress = root, split, progress
+        self.block_size, self.shard_blocks = block_size, shard_blocks
+        self._buf = np.empty(shard_blocks * block_size, dtype)
+        self._fill = 0
+        self.entries: list[dict] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        at = 0
+        while at < len(ids):
+            take = min(len(ids) - at, len(self._buf) - self._fill)
+            self._buf[self._fill : self._fill + take] = ids[at : at + take]
+            self._fill += take
+            at += take
+            if self._fill == len(self._buf):
+                self._write(self.shard_blocks)
+
+    def close(self) -> list[dict]:
+        """Write the last, partial shard; return the manifest's shard entries."""
+        blocks = self._fill // self.block_size
+        if blocks:
+            self._write(blocks)
+        self._fill = 0
+        return self.entries
+
+    def _write(self, blocks: int) -> None:
+        part = self._buf[: blocks * self.block_size].reshape(blocks, self.block_size)
+        data = npy_bytes(part)
+        rel = f"{self.split}/shard-{len(self.entries):05d}.npy"
+        uri = storage.join(self.root, rel)
+        if storage.is_s3(uri) and len(data) > _SINGLE_PUT:  # one PUT takes at most 5 GB
+            with tempfile.NamedTemporaryFile(suffix=".npy") as f:
+                f.write(data)
+                f.flush()
+                storage.upload_file(f.name, uri)
+        else:
+            storage.write_bytes(uri, data)
+        self.entries.append(
+            {"path": rel, "blocks": blocks, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        self._fill = 0
+        if self.progress is not None:
+            self.progress.update(blocks)
 
 
 @dataclass

@@ -1,23 +1,35 @@
-"""ELI5 readers: files on local or S3 storage, or a Hugging Face dataset.
+"""ELI5 readers: files on local or S3 storage (or `hf://` Hub files), or a Hugging Face
+dataset through `datasets.load_dataset`.
 
 Yields one `Record` per question, in a fixed order (sources in config order, files of a
 glob sorted, records in file order), with the text the tutorial builds: every configured
 field flattened and joined with a space. A malformed record is yielded with `error` set
 and `text` None, so the caller can count it; a file that cannot be read at all raises
-BadInput naming it.
+BadInput naming it (and where in it).
+
+Every file is streamed, never read whole: gzip is recognised by its magic bytes and
+decompressed as it is read, JSON lines are read line by line, a JSON array one element at
+a time, Parquet one row group (in batches) at a time. Memory does not grow with the input.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import gzip
 import io
 import json
-from collections.abc import Iterator
+import re
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from job import storage
 from job.config import DataConfig, SourceConfig
-from job.errors import BadInput
+from job.errors import BadInput, TransientStorageError
 
 
 @dataclass
@@ -27,14 +39,44 @@ class Record:
     error: str | None = None
 
 
-def iter_records(cfg: DataConfig) -> Iterator[Record]:
-    """The record stream: subreddit filter applied, cut at `max_records`."""
+# A record the caller said it does not need (iter_records' `keep`): counted, not decoded.
+SKIPPED = Record("(skipped)", None)
+_SKIP = object()  # its raw form, from the file readers
+
+Wants = Callable[[int], bool]  # wants(a): is the record `a` places after the next one needed?
+
+
+def _all(_ahead: int) -> bool:
+    return True
+
+
+def iter_records(cfg: DataConfig, keep: Callable[[int], bool] | None = None) -> Iterator[Record]:
+    """The record stream: subreddit filter applied, cut at `max_records`.
+
+    `keep(j)`, when given, says whether the caller needs record j of the stream. Records it
+    does not need are yielded as SKIPPED, in their place, and the readers skip decoding them
+    where they can (a JSON line is not parsed; a Parquet row group with no needed row is not
+    read). With a subreddit filter every record must be decoded to know whether it counts,
+    so `keep` saves nothing then, but the stream is the same.
+    """
     if not cfg.sources:
         raise BadInput("data.sources: no sources configured")
     wanted = set(cfg.subreddits) if cfg.subreddits else None
     count = 0
+
+    def wants(ahead: int) -> bool:
+        return keep(count + ahead)
+
+    lazy = wants if keep is not None and wanted is None else _all
+    fields = {f.split(".")[0] for f in cfg.text_fields} | ({"subreddit"} if wanted else set())
     for i, source in enumerate(cfg.sources):
-        for origin, raw in _iter_raw(source, f"data.sources[{i}]"):
+        for origin, raw in _iter_raw(source, f"data.sources[{i}]", lazy, fields):
+            if raw is _SKIP:
+                if cfg.max_records is not None and count >= cfg.max_records:
+                    return
+                count += 1
+                yield SKIPPED
+                continue
             if wanted is not None and isinstance(raw, dict) and raw.get("subreddit") not in wanted:
                 continue
             if cfg.max_records is not None and count >= cfg.max_records:
@@ -76,33 +118,32 @@ def _lookup(raw: dict, dotted: str):
     return node
 
 
-def _iter_raw(source: SourceConfig, key: str) -> Iterator[tuple[str, object]]:
+def _iter_raw(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
     if source.hf:
-        yield from _iter_hf(source)
+        yield from _iter_hf(source, key)
         return
     if not source.uri:
         raise BadInput(f"{key}: give either 'uri' or 'hf'")
+    if source.data_files is not None or source.streaming:
+        raise BadInput(f"{key}: 'data_files' and 'streaming' apply to 'hf' sources only")
+    if source.uri.startswith("hf://"):
+        yield from _iter_hub_files(source, key, wants, fields)
+        return
+    if source.revision:
+        raise BadInput(f"{key}: 'revision' applies to 'hf' sources and hf:// URIs only")
     files = storage.expand(source.uri)
     if not files:
         raise BadInput(f"{key}: '{source.uri}' matches no file")
     for uri in files:
-        yield from _iter_file(uri)
+        yield from _iter_file(uri, storage.open_read, wants, fields)
 
 
-def _iter_hf(source: SourceConfig) -> Iterator[tuple[str, object]]:
-    import datasets
-
-    name = f"hf:{source.hf}" + (f"/{source.hf_config}" if source.hf_config else "")
-    try:
-        ds = datasets.load_dataset(source.hf, source.hf_config, split=source.split or "train")
-    except (FileNotFoundError, ValueError) as e:
-        raise BadInput(f"{name}: cannot load split '{source.split}': {e}") from None
-    for i, row in enumerate(ds):
-        yield f"{name}[{source.split}] record {i}", row
+# ---- files -----------------------------------------------------------------------------
 
 
 def read_input(uri: str) -> bytes:
-    """A file's bytes, gunzipped when gzip; an unreadable file is one BadInput line."""
+    """A file's bytes, gunzipped when gzip; an unreadable file is one BadInput line.
+    (Whole-file reading, for inference inputs; preprocessing streams, see _iter_file.)"""
     try:
         data = storage.read_bytes(uri)
         if data[:2] == b"\x1f\x8b":
@@ -112,38 +153,81 @@ def read_input(uri: str) -> bytes:
         raise BadInput(f"{uri}: cannot read: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _iter_file(uri: str) -> Iterator[tuple[str, object]]:
-    name = uri.removesuffix(".gz")
-    if name.endswith(".parquet"):
-        yield from _iter_parquet(uri)
-        return
-    data = read_input(uri)
-    if data.lstrip()[:1] == b"[":
-        yield from _iter_json_array(uri, data)
-    else:
-        yield from _iter_json_lines(uri, data)
-
-
-def _iter_json_array(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
+def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise BadInput(f"{uri}:{line}: invalid UTF-8 at byte {e.start}") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{uri}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    for i, raw in enumerate(records):
-        yield f"{uri} record {i}", raw
+        f = opener(uri)
+    except OSError as e:  # FileNotFoundError and friends; S3 errors have their own lines
+        raise BadInput(f"{uri}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    with f:
+        if hasattr(f, "peek"):
+            gz = f.peek(2)[:2] == b"\x1f\x8b"
+        else:  # an fsspec file: seekable, without peek
+            gz = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+        data = io.BufferedReader(_Checked(uri, f, gz), 1 << 20)
+        if uri.removesuffix(".gz").endswith(".parquet"):
+            yield from _iter_parquet(uri, data if gz else f, wants, fields)
+            return
+        head = data.peek(1 << 16).lstrip()
+        if head[:1] == b"[":
+            yield from _iter_json_array(uri, data, wants)
+        else:
+            yield from _iter_json_lines(uri, data, wants)
 
 
-def _iter_json_lines(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
-    for lineno, line in enumerate(io.BytesIO(data), start=1):
-        line = line.rstrip(b"\r\n")
+class _Checked(io.RawIOBase):
+    """The decompressed bytes of a stream (gunzipped when `gz`); a read that fails because
+    the file is broken (truncated or corrupt gzip, an I/O error) is one BadInput line that
+    names the file and the position. Storage errors (S3) keep their own exit codes."""
+
+    def __init__(self, uri: str, f, gz: bool):
+        super().__init__()
+        self._uri, self._f = uri, f
+        self._gz = gzip.GzipFile(fileobj=f, mode="rb") if gz else None
+        self._out = 0  # decompressed bytes delivered
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            n = self._gz.readinto(buffer) if self._gz else self._f.readinto(buffer)
+        except EOFError:
+            raise BadInput(
+                f"{self._uri}: cannot read: truncated gzip: the compressed data ends at byte "
+                f"{self._where()} without the end-of-stream marker (after {self._out} "
+                "uncompressed bytes)"
+            ) from None
+        except gzip.BadGzipFile as e:
+            raise BadInput(f"{self._uri}: cannot read: {e} (at byte {self._where()})") from None
+        except zlib.error as e:
+            raise BadInput(
+                f"{self._uri}: cannot read: corrupt gzip data ({e}) near byte {self._where()} "
+                f"(after {self._out} uncompressed bytes)"
+            ) from None
+        except OSError as e:
+            raise BadInput(
+                f"{self._uri}: cannot read: {e.strerror or e} (at byte {self._where()})"
+            ) from None
+        self._out += n
+        return n
+
+    def _where(self) -> int:
+        try:
+            return self._f.tell()
+        except Exception:
+            return -1
+
+
+def _iter_json_lines(uri: str, stream, wants: Wants):
+    for lineno, line in enumerate(stream, start=1):
         if not line.strip():
             continue
+        if not wants(0):
+            yield None, _SKIP
+            continue
         origin = f"{uri}:{lineno}"
+        line = line.rstrip(b"\r\n")
         try:
             yield origin, json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -152,13 +236,288 @@ def _iter_json_lines(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
             yield origin, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def _iter_parquet(uri: str) -> Iterator[tuple[str, object]]:
+def _iter_json_array(uri: str, stream, wants: Wants):
+    for i, raw in enumerate(_JsonArray(uri, stream)):
+        yield (f"{uri} record {i}", raw) if wants(0) else (None, _SKIP)
+
+
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (json.decoder.WHITESPACE)
+_LOOKAHEAD = 32  # a value must end this far before the buffer's end (literals, escapes)
+_MAX_VALUE = 256 << 20  # characters of one array element
+
+
+class _JsonArray:
+    """The elements of a top-level JSON array, decoded one by one from a byte stream.
+
+    Each element is decoded by the standard library's own decoder (`raw_decode`, the C
+    scanner), so the values and the error messages are exactly those of `json.loads` on the
+    whole file, positions included (`file:line:col`), while only a window of the text is in
+    memory. ijson would stream too, but gives neither json's values (Decimal for floats)
+    nor its messages and positions, which the bad-input contract names. An element that
+    reaches the end of the window is decoded again with more text: the decoder stops at
+    the window's end with an error or, for a number, a shorter value, so both are retried.
+    """
+
+    read_bytes = 1 << 20  # bytes read at a time (tests make it tiny)
+
+    def __init__(self, uri: str, stream):
+        self.uri, self.stream = uri, stream
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.decode = json.JSONDecoder().raw_decode
+        self.buf, self.pos, self.start, self.eof = "", 0, 0, False
+        self.lines, self.col = 0, 0  # newlines before buf, and characters after the last one
+        self.bytes_in, self.newlines_in = 0, 0  # bytes decoded so far, and their newlines
+        self.records = 0
+
+    def __iter__(self):
+        self._ws()
+        if self._char() != "[":
+            self._error("Expecting value", self.pos)
+        self.pos += 1
+        self._ws()
+        if self._char() != "]":
+            while True:
+                self.start = self.pos
+                value, self.pos = self._value()
+                yield value
+                self.records += 1
+                self._ws()
+                c = self._char()
+                if c == "]":
+                    break
+                if c != ",":
+                    self._error("Expecting ',' delimiter", self.pos)
+                self.pos += 1
+                self._ws()
+        self.pos += 1
+        self._ws()
+        if self.pos < len(self.buf):
+            self._error("Extra data", self.pos)
+
+    def _char(self) -> str:
+        return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def _ws(self) -> None:
+        """Skip whitespace; then buf[pos] exists unless the text has ended."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or self.eof:
+                return
+            self.start = self.pos
+            self._fill()
+
+    def _value(self):
+        while True:
+            try:
+                value, end = self.decode(self.buf, self.pos)
+                if self.eof or end < len(self.buf) - _LOOKAHEAD:
+                    return value, end
+            except json.JSONDecodeError as e:
+                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - _LOOKAHEAD
+                if self.eof or not cut:
+                    self._error(e.msg, e.pos)
+            if len(self.buf) - self.start > _MAX_VALUE:
+                self._error(f"an element longer than {_MAX_VALUE >> 20} MiB", self.start)
+            self._fill()
+
+    def _fill(self) -> None:
+        """Drop the text before `start`, append the next chunk (at least doubling the
+        window, so that a huge element costs linear time)."""
+        keep = self.start
+        newlines = self.buf.count("\n", 0, keep)
+        if newlines:
+            self.lines += newlines
+            self.col = keep - self.buf.rfind("\n", 0, keep) - 1
+        else:
+            self.col += keep
+        chunk = self.stream.read(max(self.read_bytes, 2 * (len(self.buf) - keep)))
+        self.eof = not chunk
+        self.buf = self.buf[keep:] + self._text(chunk)
+        self.pos -= keep
+        self.start = 0
+
+    def _text(self, chunk: bytes) -> str:
+        pending = len(self.utf8.getstate()[0])
+        try:
+            text = self.utf8.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:  # e.object: the pending bytes + this chunk
+            line = self.newlines_in + e.object[: e.start].count(b"\n") + 1
+            byte = self.bytes_in - pending + e.start
+            raise BadInput(f"{self.uri}:{line}: invalid UTF-8 at byte {byte}") from None
+        self.bytes_in += len(chunk)
+        self.newlines_in += chunk.count(b"\n")
+        return text
+
+    def _error(self, msg: str, pos: int):
+        """json.loads' message for the whole file: file:line:col, 1-based, in characters."""
+        line = self.buf.count("\n", 0, pos) + 1
+        col = pos - self.buf.rfind("\n", 0, pos)
+        if line == 1:
+            col += self.col
+        raise BadInput(
+            f"{self.uri}:{self.lines + line}:{col}: invalid JSON: {msg} "
+            f"(after {self.records} records)"
+        ) from None
+
+
+def _iter_parquet(uri: str, f, wants: Wants, fields: set[str]):
+    """Rows one row group at a time, in batches; only the columns the text needs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    with tempfile.TemporaryFile() if not f.seekable() else contextlib.nullcontext() as spill:
+        if spill is not None:  # gzip-wrapped Parquet: Parquet needs to seek (footer first)
+            shutil.copyfileobj(f, spill, 1 << 20)
+            spill.seek(0)
+            f = spill
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise BadInput(f"{uri}: not a readable Parquet file: {e}") from None
+        columns = [n for n in pf.schema_arrow.names if n in fields]
+        i = 0
+        for group in range(pf.num_row_groups):
+            rows = pf.metadata.row_group(group).num_rows
+            if not any(wants(a) for a in range(rows)):  # none needed: not even read
+                for _ in range(rows):
+                    yield None, _SKIP
+                i += rows
+                continue
+            try:
+                batches = pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns)
+                for batch in batches:
+                    decoded = None
+                    for r in range(batch.num_rows):
+                        if not wants(0):
+                            yield None, _SKIP
+                        else:
+                            if decoded is None:
+                                decoded = batch.to_pylist() if columns else [{}] * batch.num_rows
+                            yield f"{uri} record {i}", decoded[r]
+                        i += 1
+            except (pa.ArrowException, OSError) as e:
+                raise BadInput(
+                    f"{uri}: not a readable Parquet file: {e} (row group {group}, record {i})"
+                ) from None
+
+
+# ---- the Hugging Face Hub ----------------------------------------------------------------
+
+
+def _iter_hub_files(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
+    """`hf://datasets/OWNER/NAME[@REVISION]/PATH-OR-GLOB` through huggingface_hub's fsspec
+    file system: files are streamed with ranged reads, like S3 objects."""
     try:
-        table = pq.read_table(io.BytesIO(read_input(uri)))
-    except pa.ArrowInvalid as e:
-        raise BadInput(f"{uri}: not a readable Parquet file: {e}") from None
-    for i, raw in enumerate(table.to_pylist()):
-        yield f"{uri} record {i}", raw
+        from huggingface_hub import HfFileSystem
+    except ImportError:
+        raise BadInput(
+            f"{key}: hf:// URIs need the huggingface_hub package (pip install huggingface_hub)"
+        ) from None
+    path = source.uri[len("hf://") :]
+    if source.revision and "@" not in path:
+        parts = path.split("/")
+        if len(parts) < 3:
+            raise BadInput(f"{key}: '{source.uri}' is not hf://datasets/OWNER/NAME/PATH")
+        parts[2] += "@" + quote(source.revision, safe="")
+        path = "/".join(parts)
+    fs = HfFileSystem()
+    try:
+        if any(c in path for c in "*?["):
+            files = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            files = sorted(fs.find(path))
+        else:
+            files = [path] if fs.exists(path) else []
+    except Exception as e:
+        raise BadInput(_hf_failure(key, source.uri, e)) from None
+    if not files:
+        raise BadInput(f"{key}: '{source.uri}' matches no file")
+
+    def opener(uri: str):
+        try:
+            return fs.open(uri[len("hf://") :], "rb", block_size=1 << 20)
+        except Exception as e:
+            raise BadInput(_hf_failure(key, uri, e)) from None
+
+    for file in files:
+        try:
+            yield from _iter_file(f"hf://{file}", opener, wants, fields)
+        except (OSError, ConnectionError, TimeoutError) as e:  # the network, mid-file
+            raise TransientStorageError(f"hf://{file}: reading from the Hub failed: {e}") from None
+
+
+def _iter_hf(source: SourceConfig, key: str) -> Iterator[tuple[str, object]]:
+    name = f"hf:{source.hf}" + (f"/{source.hf_config}" if source.hf_config else "")
+    try:
+        import datasets
+    except ImportError:
+        raise BadInput(f"{key}: 'hf' sources need the datasets package") from None
+    kwargs = {}
+    if source.revision is not None:
+        kwargs["revision"] = source.revision
+    if source.data_files is not None:
+        kwargs["data_files"] = source.data_files
+    if source.streaming:
+        kwargs["streaming"] = True
+    split = source.split or "train"
+    what = f"{name} split '{split}'"
+    try:
+        ds = datasets.load_dataset(source.hf, source.hf_config, split=split, **kwargs)
+    except Exception as e:  # load_dataset fails in many ways; each is one line
+        raise BadInput(_hf_failure(key, what, e)) from None
+    rows = iter(ds)
+    i = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # a streaming dataset reads as it goes
+            if _is_network(e):
+                raise TransientStorageError(f"{key}: {what}: reading failed: {e}") from None
+            raise BadInput(_hf_failure(key, what, e)) from None
+        yield f"{name}[{source.split}] record {i}", row
+        i += 1
+
+
+_NETWORK_ERRORS = {"ConnectionError", "TimeoutError", "LocalEntryNotFoundError",
+                   "OfflineModeIsEnabled", "ConnectError", "ReadTimeout", "ConnectTimeout",
+                   "RemoteProtocolError"}  # fmt: skip
+
+
+def _is_network(e: BaseException) -> bool:
+    return any(c.__name__ in _NETWORK_ERRORS for c in type(e).__mro__)
+
+
+def _hf_failure(key: str, what: str, e: BaseException) -> str:
+    """One line: the source, what failed, and what to do about it."""
+    message = (str(e).strip().splitlines() or [""])[0][:300]
+    kind = type(e).__name__
+    if "Dataset scripts are no longer supported" in message:
+        return (
+            f"{key}: {what}: it is a script-based dataset ({message}), which datasets >= 4 "
+            "cannot load; use its Parquet export with `revision: refs/convert/parquet` (and "
+            "`hf_config: default` or the config's name), or point `data_files` at its data "
+            "files, or mirror the files to storage and list them as `uri:`"
+        )
+    if kind == "DatasetNotFoundError" or "doesn't exist on the Hub" in message:
+        return (
+            f"{key}: {what}: not found ({message}); check the name, and set HF_TOKEN for a "
+            "gated or private dataset"
+        )
+    if "Unknown split" in message or "Bad split" in message:
+        return f"{key}: {what}: no such split ({message}); set `split:` to one of them"
+    if kind in ("DataFilesNotFoundError", "FileNotFoundError", "EmptyDatasetError") or (
+        isinstance(e, StopIteration)
+    ):
+        return (
+            f"{key}: {what}: no data files found{f' ({message})' if message else ''}; check "
+            "`data_files` (paths or globs, relative to the dataset's repository or folder)"
+        )
+    if _is_network(e) or "Couldn't reach" in message:
+        return (
+            f"{key}: {what}: the Hub cannot be reached ({message}); check the network, "
+            "HF_ENDPOINT and HF_HUB_OFFLINE, or mirror the files to storage and list them "
+            "as `uri:`"
+        )
+    return f"{key}: {what}: cannot load: {kind}: {message}"
