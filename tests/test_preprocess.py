@@ -294,8 +294,16 @@ def test_malformed_records_below_fraction_are_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b'[{"a": 1},\n {"b": 2\n]', "{path}:3:1: invalid JSON: Expecting ',' delimiter"),
-        (b'[{"answers": {"text": ["\xff"]}}]', "{path}:1: invalid UTF-8 at byte 24"),
+        (
+            b'[{"a": 1},\n {"b": 2\n]',
+            "{path}: invalid JSON: parse error: after key and value, inside map, I expect ',' "
+            "or '}}' (detected in bytes 0-21; after 1 records)",  # '}}': str.format
+        ),
+        (
+            b'[{"answers": {"text": ["\xff"]}}]',
+            "{path}: invalid JSON: lexical error: invalid bytes in UTF8 string (detected in "
+            "bytes 0-30; after 0 records)",
+        ),
         (b"\x1f\x8b\x08\x00garbage", "{path}: cannot read: "),
     ],
 )

@@ -8,15 +8,17 @@ import gzip
 import io
 import json
 import random
+import re
 import socket
 from pathlib import Path
 
+import ijson
 import numpy as np
 import pytest
 from conftest import DEMO_TOKENIZER, S3Proxy, _ProxyHandler, mlmjob, write_config
 
 from job import storage
-from job.data.sources import SKIPPED, _JsonArray, iter_records
+from job.data.sources import SKIPPED, _iter_json_array, iter_records
 from job.errors import BadInput, TransientStorageError
 
 WORDS = (
@@ -184,8 +186,9 @@ def test_keep_skips_decoding_other_workers_records(tmp_path, monkeypatch):
 # ---- broken files: one line, the file and the position ---------------------------------
 
 
-def test_truncated_gzip_names_the_file_and_position(tmp_path, records):
-    src = write_input(tmp_path, "jsonl.gz", records)
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "json.gz"])  # json.gz: the error passes ijson
+def test_truncated_gzip_names_the_file_and_position(tmp_path, records, fmt):
+    src = write_input(tmp_path, fmt, records)
     data = src.read_bytes()
     src.write_bytes(data[: len(data) // 2])
     line = one_error_line(mlmjob("preprocess", "-c", config(tmp_path, f"'{src}'", tmp_path / "o")))
@@ -195,16 +198,16 @@ def test_truncated_gzip_names_the_file_and_position(tmp_path, records):
 
 
 def test_json_array_cut_mid_record_names_the_file_and_position(tmp_path, records):
+    # the words are yajl's: the C backend is the one installed (and the fast one)
+    assert ijson.backend == "yajl2_c"
     src = write_input(tmp_path, "json.gz", records)
     text = gzip.decompress(src.read_bytes())
     cut = text[: text.index(b'"q_id": "q3200"') + 5]  # inside record 3200, past 1 MiB
     assert len(cut) > 1 << 20
     src.write_bytes(gzip.compress(cut))
-    with pytest.raises(json.JSONDecodeError) as want:
-        json.loads(cut)
     line = one_error_line(mlmjob("preprocess", "-c", config(tmp_path, f"'{src}'", tmp_path / "o")))
-    e = want.value
-    assert line == f"{src}:{e.lineno}:{e.colno}: invalid JSON: {e.msg} (after 3200 records)"
+    assert line == (f"{src}: invalid JSON: parse error: premature EOF (detected at uncompressed byte "
+                    f"{len(cut)}, the end of the data; after 3200 records)")  # fmt: skip
 
 
 def test_invalid_utf8_deep_in_a_json_array(tmp_path, records):
@@ -214,12 +217,28 @@ def test_invalid_utf8_deep_in_a_json_array(tmp_path, records):
     data[at] = 0xFF
     src.write_bytes(bytes(data))
     line = one_error_line(mlmjob("preprocess", "-c", config(tmp_path, f"'{src}'", tmp_path / "o")))
-    lineno = data[:at].count(b"\n") + 1
-    assert line == f"{src}:{lineno}: invalid UTF-8 at byte {at}"
+    found = re.fullmatch(rf"{re.escape(str(src))}: invalid JSON: lexical error: invalid bytes in "
+                         r"UTF8 string \(detected in bytes (\d+)-(\d+); after 3000 records\)", line)  # fmt: skip
+    assert found, line
+    start, end = map(int, found.groups())
+    assert start <= at < end and end - start <= 1 << 16  # the chunk ijson was parsing
+
+
+class _Trickle(io.RawIOBase):
+    """At most 3 bytes a read: chunk boundaries inside numbers, escapes, UTF-8 sequences."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self._data.read(min(n, 3) if n >= 0 else 3)
 
 
 def _arrays(rng: random.Random):
-    """JSON arrays with what a window boundary can split: numbers, literals, escapes,
+    """JSON arrays with what a chunk boundary can split: numbers, literals, escapes,
     multi-byte UTF-8, nesting, odd whitespace."""
     values = [0, -12, 3.5e-7, 123456789012, True, False, None, "", "a\\\"b\n\u00e9\u4e2d\U0001f600",
               {"k": [1, {"x": "\\u"}]}, [], {}, [[[]]], "\t"]  # fmt: skip
@@ -229,12 +248,25 @@ def _arrays(rng: random.Random):
         yield text.replace(", ", rng.choice([",", ", ", " ,\n\t", ",\r\n"]))
 
 
-def test_json_array_reader_equals_json_loads_values_and_errors(monkeypatch):
-    """The streaming reader, with windows of a few bytes, against json.loads on the whole
-    text: the same values, or the same error message and position."""
+_WHERE = r"detected (at byte \d+, the end of the data|in bytes \d+-\d+)"
+
+
+def _read_array(blob: bytes, into: list) -> list:
+    """The elements the reader yields, fed 3 bytes a read; appended to `into` as they come,
+    so that a test sees those yielded before an error."""
+    for _, raw in _iter_json_array("f", _Trickle(blob), lambda a: True, False):
+        into.append(raw)
+    return into
+
+
+@pytest.mark.parametrize("backend", ["yajl2_c", "python"])  # python: where no C one is built
+def test_json_array_reader_equals_json_loads_values_and_errors(monkeypatch, backend):
+    """The streaming reader against json.loads on the whole text: the same values (and
+    types: int, float, never Decimal), or, where json.loads fails, one BadInput line with
+    the position and the count of the records read before it."""
+    monkeypatch.setattr(ijson, "items", ijson.get_backend(backend).items)
     rng = random.Random(7)
-    monkeypatch.setattr(_JsonArray, "read_bytes", 3)
-    cases = 0
+    cases = errors = 0
     for text in _arrays(rng):
         data = text.encode()
         variants = [data, data[: rng.randint(0, len(data))], data + b" x", b" \n" + data]
@@ -242,21 +274,45 @@ def test_json_array_reader_equals_json_loads_values_and_errors(monkeypatch):
         variants.append(data[:pos] + rng.choice([b",", b"]", b"}", b'"', b":"]) + data[pos:])
         for blob in variants:
             cases += 1
+            if not blob.lstrip(b" \t\r\n").startswith(b"["):
+                continue  # not an array: the JSON lines reader takes it
             try:
                 want = json.loads(blob.decode("utf-8"))
-            except UnicodeDecodeError:
-                continue  # a cut inside a multi-byte character: covered below
-            except json.JSONDecodeError as e:
-                if not blob.lstrip(b" \t\r\n").startswith(b"["):
-                    continue  # not an array: the JSON lines reader takes it
-                with pytest.raises(BadInput) as got:
-                    list(_JsonArray("f", io.BytesIO(blob)))
-                assert str(got.value).startswith(f"f:{e.lineno}:{e.colno}: invalid JSON: {e.msg} ("), blob  # fmt: skip
+            except ValueError:  # invalid JSON, or a cut inside a multi-byte character
+                errors += 1
+                got: list = []
+                with pytest.raises(BadInput) as e:
+                    _read_array(blob, got)
+                line = str(e.value)
+                pattern = rf"f: invalid JSON: [^\n]+ \({_WHERE}; after {len(got)} records\)"
+                assert re.fullmatch(pattern, line), (blob, line)
+                assert int(re.findall(r"\d+", line)[-2]) <= len(blob), (blob, line)
                 continue
-            assert list(_JsonArray("f", io.BytesIO(blob))) == want, blob
-    assert cases == 200
-    with pytest.raises(BadInput, match=r"^f:2: invalid UTF-8 at byte 8$"):
-        list(_JsonArray("f", io.BytesIO('[\n"\u00e9",'.encode() + b'"\xe9"]')))
+            got = _read_array(blob, [])
+            assert got == want and [type(v) for v in got] == [type(v) for v in want], blob
+    assert cases == 200 and errors > 20
+    if backend != "yajl2_c":
+        return
+    bad = '[\n"\u00e9",'.encode() + b'"\xe9"]'
+    with pytest.raises(BadInput) as e:
+        _read_array(bad, [])
+    assert str(e.value) == (
+        "f: invalid JSON: lexical error: invalid bytes in UTF8 string (detected in bytes 9-11; "
+        "after 1 records)"
+    )
+
+
+def test_json_array_keeps_the_records_order_and_skips_others(tmp_path):
+    """Other workers' elements come as SKIPPED in their place (parsed, then dropped)."""
+    from job.config import DataConfig
+
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps([{"answers": {"text": [f"text {i}"]}} for i in range(30)]))
+    got = list(iter_records(DataConfig(sources=[str(path)]), keep=lambda j: 10 <= j < 20))
+    assert len(got) == 30 and all(r is SKIPPED for r in got[:10] + got[20:])
+    assert [(r.origin, r.text) for r in got[10:20]] == [
+        (f"{path} record {i}", f"text {i}") for i in range(10, 20)
+    ]
 
 
 # ---- a broken S3 connection --------------------------------------------------------------

@@ -14,18 +14,18 @@ a time, Parquet one row group (in batches) at a time. Memory does not grow with 
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import gzip
 import io
 import json
-import re
 import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
+
+import ijson
 
 from job import storage
 from job.config import DataConfig, SourceConfig
@@ -170,7 +170,7 @@ def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
             return
         head = data.peek(1 << 16).lstrip()
         if head[:1] == b"[":
-            yield from _iter_json_array(uri, data, wants)
+            yield from _iter_json_array(uri, data, wants, gz)
         else:
             yield from _iter_json_lines(uri, data, wants)
 
@@ -236,128 +236,52 @@ def _iter_json_lines(uri: str, stream, wants: Wants):
             yield origin, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def _iter_json_array(uri: str, stream, wants: Wants):
-    for i, raw in enumerate(_JsonArray(uri, stream)):
-        yield (f"{uri} record {i}", raw) if wants(0) else (None, _SKIP)
-
-
-_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (json.decoder.WHITESPACE)
-_LOOKAHEAD = 32  # a value must end this far before the buffer's end (literals, escapes)
-_MAX_VALUE = 256 << 20  # characters of one array element
-
-
-class _JsonArray:
-    """The elements of a top-level JSON array, decoded one by one from a byte stream.
-
-    Each element is decoded by the standard library's own decoder (`raw_decode`, the C
-    scanner), so the values and the error messages are exactly those of `json.loads` on the
-    whole file, positions included (`file:line:col`), while only a window of the text is in
-    memory. ijson would stream too, but gives neither json's values (Decimal for floats)
-    nor its messages and positions, which the bad-input contract names. An element that
-    reaches the end of the window is decoded again with more text: the decoder stops at
-    the window's end with an error or, for a number, a shorter value, so both are retried.
-    """
-
-    read_bytes = 1 << 20  # bytes read at a time (tests make it tiny)
-
-    def __init__(self, uri: str, stream):
-        self.uri, self.stream = uri, stream
-        self.utf8 = codecs.getincrementaldecoder("utf-8")()
-        self.decode = json.JSONDecoder().raw_decode
-        self.buf, self.pos, self.start, self.eof = "", 0, 0, False
-        self.lines, self.col = 0, 0  # newlines before buf, and characters after the last one
-        self.bytes_in, self.newlines_in = 0, 0  # bytes decoded so far, and their newlines
-        self.records = 0
-
-    def __iter__(self):
-        self._ws()
-        if self._char() != "[":
-            self._error("Expecting value", self.pos)
-        self.pos += 1
-        self._ws()
-        if self._char() != "]":
-            while True:
-                self.start = self.pos
-                value, self.pos = self._value()
-                yield value
-                self.records += 1
-                self._ws()
-                c = self._char()
-                if c == "]":
-                    break
-                if c != ",":
-                    self._error("Expecting ',' delimiter", self.pos)
-                self.pos += 1
-                self._ws()
-        self.pos += 1
-        self._ws()
-        if self.pos < len(self.buf):
-            self._error("Extra data", self.pos)
-
-    def _char(self) -> str:
-        return self.buf[self.pos] if self.pos < len(self.buf) else ""
-
-    def _ws(self) -> None:
-        """Skip whitespace; then buf[pos] exists unless the text has ended."""
-        while True:
-            self.pos = _WS.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf) or self.eof:
-                return
-            self.start = self.pos
-            self._fill()
-
-    def _value(self):
-        while True:
-            try:
-                value, end = self.decode(self.buf, self.pos)
-                if self.eof or end < len(self.buf) - _LOOKAHEAD:
-                    return value, end
-            except json.JSONDecodeError as e:
-                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - _LOOKAHEAD
-                if self.eof or not cut:
-                    self._error(e.msg, e.pos)
-            if len(self.buf) - self.start > _MAX_VALUE:
-                self._error(f"an element longer than {_MAX_VALUE >> 20} MiB", self.start)
-            self._fill()
-
-    def _fill(self) -> None:
-        """Drop the text before `start`, append the next chunk (at least doubling the
-        window, so that a huge element costs linear time)."""
-        keep = self.start
-        newlines = self.buf.count("\n", 0, keep)
-        if newlines:
-            self.lines += newlines
-            self.col = keep - self.buf.rfind("\n", 0, keep) - 1
-        else:
-            self.col += keep
-        chunk = self.stream.read(max(self.read_bytes, 2 * (len(self.buf) - keep)))
-        self.eof = not chunk
-        self.buf = self.buf[keep:] + self._text(chunk)
-        self.pos -= keep
-        self.start = 0
-
-    def _text(self, chunk: bytes) -> str:
-        pending = len(self.utf8.getstate()[0])
-        try:
-            text = self.utf8.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as e:  # e.object: the pending bytes + this chunk
-            line = self.newlines_in + e.object[: e.start].count(b"\n") + 1
-            byte = self.bytes_in - pending + e.start
-            raise BadInput(f"{self.uri}:{line}: invalid UTF-8 at byte {byte}") from None
-        self.bytes_in += len(chunk)
-        self.newlines_in += chunk.count(b"\n")
-        return text
-
-    def _error(self, msg: str, pos: int):
-        """json.loads' message for the whole file: file:line:col, 1-based, in characters."""
-        line = self.buf.count("\n", 0, pos) + 1
-        col = pos - self.buf.rfind("\n", 0, pos)
-        if line == 1:
-            col += self.col
+def _iter_json_array(uri: str, stream, wants: Wants, gz: bool):
+    """The elements of a top-level JSON array, one at a time, parsed by ijson (its C backend
+    where installed: ijson picks the fastest one it has). Numbers come as int and float, as
+    from json.loads (`use_float`: not Decimal), except that yajl refuses what overflows an
+    int64 or a double, which json.loads takes (ELI5 holds neither). ijson cannot step over an
+    element unparsed, so the records of other workers are parsed too, then dropped."""
+    counted = _Counted(stream)
+    records = 0
+    try:
+        for raw in ijson.items(counted, "item", use_float=True):
+            yield (f"{uri} record {records}", raw) if wants(0) else (None, _SKIP)
+            records += 1
+    except (ijson.JSONError, ValueError) as e:  # ValueError: the Python backend's bad UTF-8
         raise BadInput(
-            f"{self.uri}:{self.lines + line}:{col}: invalid JSON: {msg} "
-            f"(after {self.records} records)"
+            f"{uri}: invalid JSON: {_first_line(e)} ({counted.where(gz)}; after {records} records)"
         ) from None
+
+
+def _first_line(e: Exception) -> str:
+    # yajl's message goes on with a snippet of the text and a caret: noise in one line; and
+    # for invalid UTF-8 it comes as bytes
+    first = e.args[0] if e.args else None
+    message = first.decode("utf-8", "replace") if isinstance(first, bytes) else str(e)
+    return (message.strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+
+
+class _Counted:
+    """A byte stream that counts what its reader took. ijson's errors carry no position, but
+    one is found while ijson parses the last chunk it read: that range is the position we
+    give (the bad bytes may start a little before it, in a token that spans chunks)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.start, self.end = 0, 0  # the last chunk read: bytes [start, end)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        if n != 0:  # ijson's probe for bytes or text reads 0
+            self.start, self.end = self.end, self.end + len(data)
+        return data
+
+    def where(self, gz: bool) -> str:
+        unit = "uncompressed byte" if gz else "byte"
+        if self.start == self.end:
+            return f"detected at {unit} {self.end}, the end of the data"
+        return f"detected in {unit}s {self.start}-{self.end}"
 
 
 def _iter_parquet(uri: str, f, wants: Wants, fields: set[str]):
