@@ -201,6 +201,10 @@ class InferConfig(_Section):
     text_field: str = Field("text", description="the field read from JSON lines inputs")
     top_k: Int = Field(3, ge=1, description="candidates per `<mask>`")
     batch_size: Int = Field(64, ge=1, description="lines per forward")
+    lines_per_part: Int = Field(
+        100_000, ge=1, description="a file is split into parts of this many lines, each "
+        "committed on its own: workers share a big file and a rerun resumes inside it",
+    )  # fmt: skip
     precision: Precision = Field(
         "auto",
         description='`auto`: bf16 on GPU, fp32 on CPU. `fp32` equals `pipeline("fill-mask")`; '

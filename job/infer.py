@@ -1,13 +1,21 @@
-"""`mlmjob infer`: batch fill-mask over text files, sharded and restartable.
+"""`mlmjob infer`: batch fill-mask over text files, streamed, sharded and restartable.
 
-Each input file is one part, named by its input, never by its place in the input list
-(which shifts when inputs come and go): `{infer.output}/part-<name>-<sha256(URI)[:12]>.jsonl`
-is written whole, then its `.done` marker commits it, recording the input's URI and
-fingerprint (size + ETag on S3, size + mtime locally). A rerun skips a part only when its
-marker matches the input as it is now, so a changed file is redone and a new one done;
-worker 0 deletes the parts of inputs that are gone. No line is lost or written twice.
-Work is dealt round-robin over the sorted inputs: input i goes to worker i mod W, where
-the W workers are every process of every pod (`--worker-index` x torchrun's ranks).
+A file is read as a stream (S3 ranged reads; gzip, recognised by its magic bytes,
+decompressed as it is read) and cut into parts of L = `infer.lines_per_part` lines: part k
+holds lines kL+1..(k+1)L (the last one fewer; part 0 exists even for an empty file). A part
+is named by its input and line range, never by the input's place in the list (which shifts
+when inputs come and go): `{infer.output}/part-<name>-<sha256(URI)[:12]>-lines-<first>-<last>`
+`.jsonl`. Its lines are predicted a window at a time and written to a local staging file as
+they come, so memory grows neither with the part nor with the file; the finished file is
+uploaded, then its `.done` marker commits it, recording the input's URI, fingerprint (size +
+ETag on S3, size + mtime locally) and line range. A rerun skips a part only when its marker
+matches the input as it is now, so a changed file is redone and a new one done; worker 0
+deletes the parts of inputs that are gone (and those of another `lines_per_part`). No line
+is lost or written twice.
+
+Part k of input i (inputs sorted) goes to worker (i + k) mod W, where the W workers are
+every process of every pod (`--worker-index` x torchrun's ranks): a big file's parts go
+round all the workers, and files of one part each are dealt round-robin as whole files.
 
 Output: one JSON line per input line, in input order:
     {"file": ..., "line": N, "masks": [[{"score", "token", "token_str", "sequence"}, ...], ...]}
@@ -19,19 +27,24 @@ pipeline itself returns a bare list when the line has one mask). A bad line gets
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import count as forever
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from job import env, storage
 from job.config import Config
-from job.data.sources import read_input
+from job.data.sources import _Checked  # gzip-aware, a broken file is one BadInput line
 from job.errors import BadInput
 from job.log import bar, log
 from job.pretrained import load_pretrained
@@ -39,11 +52,16 @@ from job.train.model import encoder_and_head
 
 MASK = "<mask>"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")  # kept out of part names (URIs, shells, globs)
+_PART = re.compile(r"(part-.+)-lines-(\d+)-(\d+)\.(jsonl|done)")
+_MAX_LINE = 1 << 20  # bytes: a longer line is flagged and read past, never held whole
+# Lines are sorted by length within a window of this many batches (little padding), and a
+# window's results are written before the next is read: memory is bounded by the window.
+_WINDOW_BATCHES = 32
 
 
 def part_name(uri: str, line_range: list[int] | None = None) -> str:
     """A part's file name (without .jsonl/.done), from its input: readable from the file's
-    name, unique by the URI's hash. A line range (for when a file is split) is appended."""
+    name, unique by the URI's hash, then its line range. Without one: the input's stem."""
     base = _UNSAFE.sub("_", uri.rstrip("/").rpartition("/")[2])[:64]
     name = f"part-{base}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
     return name if line_range is None else f"{name}-lines-{line_range[0]}-{line_range[1]}"
@@ -55,7 +73,7 @@ class Part:
 
     uri: str
     fingerprint: dict
-    line_range: list[int] | None = None  # None: the whole file (files are not split yet)
+    line_range: list[int]  # first and last line, 1-based: the last part may end sooner
 
     @property
     def name(self) -> str:
@@ -63,6 +81,44 @@ class Part:
 
     def key(self) -> dict:
         return {"input": self.uri, "fingerprint": self.fingerprint, "line_range": self.line_range}
+
+    def matches(self, marker: dict | None) -> bool:
+        return bool(marker) and all(marker.get(k) == v for k, v in self.key().items())
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process among all workers, and how parts are cut and dealt to them."""
+
+    me: int
+    count: int
+    lines_per_part: int
+
+    def owns(self, input_index: int, k: int) -> bool:
+        return (input_index + k) % self.count == self.me
+
+    def line_range(self, k: int) -> list[int]:
+        return [k * self.lines_per_part + 1, (k + 1) * self.lines_per_part]
+
+    def part_index(self, first: int, last: int) -> int | None:
+        """Which part a name's line range is, or None if it is not one of this cut's."""
+        k, rest = divmod(first - 1, self.lines_per_part)
+        return k if rest == 0 and self.line_range(k) == [first, last] else None
+
+
+@dataclass
+class Input:
+    """One input file as this worker found it at the start."""
+
+    uri: str
+    index: int  # in the sorted inputs: which worker gets which part
+    fingerprint: dict  # taken before the file is read (see _plan_input)
+    committed: set[int] = field(default_factory=set)  # own parts done for this version
+    stale: dict[int, list[str]] = field(default_factory=dict)  # own parts' files that are not
+    parts: int | None = None  # the file's number of parts, once a committed marker says it
+
+    def part(self, worker: Worker, k: int) -> Part:
+        return Part(self.uri, self.fingerprint, worker.line_range(k))
 
 
 @dataclass
@@ -84,32 +140,66 @@ def input_files(cfg: Config) -> list[str]:
     return list(dict.fromkeys(files))  # a file two patterns name is still one part
 
 
-def read_lines(uri: str, text_field: str) -> list[Line]:
-    """Every line of a .txt or .jsonl file (optionally gzip); undecodable lines flagged."""
-    data = read_input(uri)
-    jsonl = uri.removesuffix(".gz").endswith((".jsonl", ".json"))
-    raws = data.split(b"\n")
-    if raws[-1] == b"":
-        raws.pop()  # the newline that ends the file starts no line
-    lines = []
-    for n, raw in enumerate(raws, start=1):
-        raw = raw.rstrip(b"\r")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            lines.append(Line(n, None, f"invalid UTF-8 at column {e.start + 1}"))
+# ---- reading ---------------------------------------------------------------------------
+
+
+@contextmanager
+def open_text(uri: str) -> Iterator[tuple[io.BufferedReader, bool]]:
+    """A file's bytes as a stream, gunzipped as read when gzip, and whether it was gzip.
+    A file that is unreadable or breaks mid-way is one BadInput line naming it."""
+    try:
+        f = storage.open_read(uri)
+    except OSError as e:  # FileNotFoundError and friends; S3 errors have their own lines
+        raise BadInput(f"{uri}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    with f:
+        gz = f.peek(2)[:2] == b"\x1f\x8b"
+        yield io.BufferedReader(_Checked(uri, f, gz), 1 << 20), gz
+
+
+def _raw_lines(stream: io.BufferedReader, count: int | None) -> Iterator[bytes | None]:
+    """The next `count` lines (all when None) without their line ends; None for a line
+    over _MAX_LINE bytes. The newline that ends the file starts no line."""
+    for _ in range(count) if count is not None else forever():
+        raw = stream.readline(_MAX_LINE + 1)
+        if not raw:
+            return
+        if len(raw) > _MAX_LINE and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of it, a piece at a time
+                raw = stream.readline(_MAX_LINE)
+            yield None
             continue
-        if jsonl:
-            try:
-                record = json.loads(text)
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                lines.append(Line(n, None, f"not a JSON object with a string '{text_field}'"))
-                continue
-        lines.append(Line(n, text))
-    return lines
+        yield raw.removesuffix(b"\n").rstrip(b"\r")
+
+
+def iter_lines(stream, uri: str, first: int, count: int | None, text_field: str):
+    """Lines of a .txt or .jsonl stream (numbered from `first`), bad ones flagged."""
+    jsonl = uri.removesuffix(".gz").endswith((".jsonl", ".json"))
+    for n, raw in enumerate(_raw_lines(stream, count), start=first):
+        yield _decode(n, raw, jsonl, text_field)
+
+
+def _decode(n: int, raw: bytes | None, jsonl: bool, text_field: str) -> Line:
+    if raw is None:
+        return Line(n, None, f"longer than {_MAX_LINE >> 20} MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Line(n, None, f"invalid UTF-8 at column {e.start + 1}")
+    if jsonl:
+        try:
+            record = json.loads(text)
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return Line(n, None, f"not a JSON object with a string '{text_field}'")
+    return Line(n, text)
+
+
+def read_lines(uri: str, text_field: str) -> list[Line]:
+    """Every line of a small file, in memory (bench/gpu.py); the job streams its parts."""
+    with open_text(uri) as (stream, _):
+        return list(iter_lines(stream, uri, 1, None, text_field))
 
 
 class FillMask:
@@ -211,28 +301,37 @@ class FillMask:
         return rows
 
 
-def run_part(fill: FillMask, uri: str, cfg: Config, progress) -> tuple[list[dict], int]:
-    lines = read_lines(uri, cfg.infer.text_field)
-    progress.total = (progress.total or 0) + len(lines)  # known part by part: ETA for those
-    progress.refresh()
+def fill_windows(fill: FillMask, lines: Iterable[Line], uri: str, batch_size: int, progress):
+    """Results a window of lines at a time, in input order, one record per line."""
+    lines = iter(lines)
+    while window := list(islice(lines, batch_size * _WINDOW_BATCHES)):
+        yield _fill_window(fill, window, uri, batch_size, progress)
+
+
+def _fill_window(fill: FillMask, lines: list[Line], uri: str, bs: int, progress) -> list[dict]:
     ids = fill.encode(lines)
     results: list[dict | None] = [None] * len(lines)
     good = [i for i, x in enumerate(ids) if x is not None]
     good.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
-    bs = cfg.infer.batch_size
     for start in range(0, len(good), bs):
         chunk = good[start : start + bs]
         for i, (values, tokens) in zip(chunk, fill.predict([ids[i] for i in chunk]), strict=True):
             results[i] = {"file": uri, "line": lines[i].number,
                           "masks": fill.describe(ids[i], values, tokens)}  # fmt: skip
         progress.update(len(chunk))
-    errors = 0
     for i, ln in enumerate(lines):
         if results[i] is None:
             results[i] = {"file": uri, "line": ln.number, "error": ln.error}
-            errors += 1
             progress.update(1)
-    return results, errors
+    return results
+
+
+def run_part(fill: FillMask, uri: str, cfg: Config, progress) -> tuple[list[dict], int]:
+    """A whole small file's results in memory, by the job's code (bench/gpu.py)."""
+    lines = read_lines(uri, cfg.infer.text_field)
+    windows = fill_windows(fill, lines, uri, cfg.infer.batch_size, progress)
+    results = [r for window in windows for r in window]
+    return results, sum("error" in r for r in results)
 
 
 def _workers(worker_index: int, num_workers: int) -> tuple[int, int]:
@@ -241,33 +340,52 @@ def _workers(worker_index: int, num_workers: int) -> tuple[int, int]:
     return worker_index * world + env.rank(), num_workers * world
 
 
+@dataclass
+class Run:
+    """One worker's run: what its parts share, and its figures."""
+
+    cfg: Config
+    worker: Worker
+    progress: object  # a tqdm bar
+    stats: dict
+    fill: FillMask | None = None
+    process_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> str:
+        return self.cfg.infer.output
+
+    def model(self) -> FillMask:
+        """Loaded at the first part to write: a worker with nothing to do never loads it."""
+        if self.fill is None:
+            self.fill = _load(self.cfg)
+            self.stats["precision"] = self.fill.precision
+            self.process_start = time.perf_counter()
+        return self.fill
+
+
 def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
     start = time.perf_counter()
     files = input_files(cfg)
-    me, total = _workers(worker_index, num_workers)
-    out = cfg.infer.output
+    worker = Worker(*_workers(worker_index, num_workers), cfg.infer.lines_per_part)
+    out, me = cfg.infer.output, worker.me
+    names = storage.list_names(out)
     if me == 0:  # one worker tidies up, so that no two delete the same files
-        _remove_gone_parts(out, files)
-    todo, skipped = _pending(out, files[me::total])
+        names = _remove_gone_parts(out, names, files, worker)
+    found = _found_parts(names, worker)
+    inputs = [_plan_input(out, found.get(part_name(uri), {}), uri, i, worker)
+              for i, uri in enumerate(files)]  # fmt: skip
+    skipped = sum(len(src.committed) for src in inputs)
     if skipped:
         log.info("worker %d: %d part(s) already committed, skipping them", me, skipped)
-    stats = {"parts": len(todo), "skipped_parts": skipped, "lines": 0, "errors": 0}
-    process_start = time.perf_counter()
-    if todo:
-        fill = _load(cfg)
-        stats["precision"] = fill.precision
-        process_start = time.perf_counter()
-        progress = bar(desc=f"infer (worker {me}/{total})", unit=" lines")
-        for part in todo:
-            results, errors = run_part(fill, part.uri, cfg, progress)
-            _commit(out, part, results, errors)
-            if stats["lines"] == 0:
-                _preview(results)
-            stats["lines"] += len(results)
-            stats["errors"] += errors
-        progress.close()
+    stats = {"parts": 0, "skipped_parts": skipped, "lines": 0, "errors": 0}
+    progress = bar(desc=f"infer (worker {me}/{worker.count})", unit=" lines", total=0)
+    run = Run(cfg, worker, progress, stats)
+    for src in inputs:
+        _run_input(run, src)
+    progress.close()
     seconds = time.perf_counter() - start
-    process_seconds = time.perf_counter() - process_start  # after the model is loaded
+    process_seconds = time.perf_counter() - run.process_start  # after the model is loaded
     stats["seconds"] = round(seconds, 3)
     stats["process_seconds"] = round(process_seconds, 3)
     stats["lines_per_s"] = round(stats["lines"] / max(process_seconds, 1e-9), 1)
@@ -291,23 +409,129 @@ def _load(cfg: Config) -> FillMask:
     return fill
 
 
-def _pending(out: str, uris: list[str]) -> tuple[list[Part], int]:
-    """The parts of these inputs not committed for the input as it is now, and how many
-    are. The fingerprint is taken before the input is read: a file that changes while
-    being read gets a marker that no longer matches it, so the next run redoes it."""
-    todo, skipped = [], 0
-    for uri in uris:
-        part = Part(uri, storage.fingerprint(uri))
-        marker_uri = storage.join(out, f"{part.name}.done")
-        marker = _read_marker(marker_uri)
-        if marker is not None and all(marker.get(k) == v for k, v in part.key().items()):
-            skipped += 1
+def _found_parts(names: list[str], worker: Worker) -> dict[str, dict[int, list[str]]]:
+    """The output's part files of this cut: input stem -> part index -> file names."""
+    found: dict[str, dict[int, list[str]]] = {}
+    for name in names:
+        m = _PART.fullmatch(name)
+        k = worker.part_index(int(m[2]), int(m[3])) if m else None
+        if k is not None:
+            found.setdefault(m[1], {}).setdefault(k, []).append(name)
+    return found
+
+
+def _plan_input(
+    out: str, have: dict[int, list[str]], uri: str, index: int, worker: Worker
+) -> Input:
+    """Which of this input's own parts are committed for the file as it is now, which have
+    files that are not, and (from its last committed part's marker) how many parts it has.
+    The fingerprint is taken before the input is read: a file that changes while being read
+    gets markers that no longer match it, so the next run redoes it."""
+    src = Input(uri, index, storage.fingerprint(uri))
+    done = sorted(k for k, files in have.items() if any(f.endswith(".done") for f in files))
+    # its own parts' markers, and the highest one: whether the file ends there
+    wanted = {k for k in done if worker.owns(index, k)} | set(done[-1:])
+    markers = {k: _read_marker(storage.join(out, f"{src.part(worker, k).name}.done"))
+               for k in wanted}  # fmt: skip
+    for k, files in have.items():
+        if not worker.owns(index, k):
             continue
-        if marker is not None:  # committed for an older version: uncommit before rewriting
-            log.info("%s changed since its part was written: redoing it", uri)
-            storage.delete(marker_uri)
-        todo.append(part)
-    return todo, skipped
+        if src.part(worker, k).matches(markers.get(k)):
+            src.committed.add(k)
+        else:
+            src.stale[k] = files
+    top = done[-1] if done else None
+    if top is not None and src.part(worker, top).matches(markers[top]) and markers[top]["last"]:
+        src.parts = top + 1
+    return src
+
+
+def _run_input(run: Run, src: Input) -> None:
+    """This worker's parts of one input; then the files of own parts past its end go."""
+    limit = src.parts
+    if limit is None or _work_left(src, run.worker, 0, limit):
+        limit = _read_input(run, src)
+    if limit is not None:
+        _drop_parts(run, src, limit)
+
+
+def _read_input(run: Run, src: Input) -> int | None:
+    """Write or skip this worker's parts in turn, reading the other workers' lines and
+    discarding them; returns the most parts the file can have, if known. Reading past lines
+    (rather than seeking to recorded byte offsets, which gzip does not allow anyway) costs
+    little next to the model; a worker stops after its last part in the file."""
+    worker = run.worker
+    with open_text(src.uri) as (stream, gz):
+        limit = src.parts
+        if limit is None and not gz:  # each line takes a byte: a small file has few parts
+            limit = max(1, -(-src.fingerprint["size"] // worker.lines_per_part))
+        k = 0
+        while _work_left(src, worker, k, limit):
+            if k > 0 and not stream.peek(1):  # the file ends before part k
+                return k
+            if worker.owns(src.index, k) and k not in src.committed:
+                _write_part(run, src, k, stream)
+            else:
+                for _ in _raw_lines(stream, worker.lines_per_part):
+                    pass
+            k += 1
+    return limit
+
+
+def _work_left(src: Input, worker: Worker, k: int, limit: int | None) -> bool:
+    """Has this worker an uncommitted part k or later in the input (limit: parts at most)?"""
+    if limit is None:
+        return True
+    first = k + (worker.me - src.index - k) % worker.count  # its first part from k on
+    return any(j not in src.committed for j in range(first, limit, worker.count))
+
+
+def _write_part(run: Run, src: Input, k: int, stream) -> None:
+    """Write part k from the stream's next lines: staged locally as the results come, then
+    uploaded whole, then committed by its marker. A part without the marker is redone."""
+    part = src.part(run.worker, k)
+    fill = run.model()
+    if any(name.endswith(".done") for name in src.stale.get(k, [])):
+        log.info("%s changed since %s was written: redoing it", src.uri, part.name)
+        storage.delete(storage.join(run.out, f"{part.name}.done"))  # uncommit, then rewrite
+    staging = run.cfg.cache_dir / "infer-staging"  # node-local, as checkpoints are staged
+    staging.mkdir(parents=True, exist_ok=True)
+    kind = {"mode": "w", "encoding": "utf-8", "prefix": f".{part.name}-", "suffix": ".jsonl"}
+    f = tempfile.NamedTemporaryFile(dir=staging, delete=False, **kind)  # noqa: SIM115
+    try:  # closed by the with, removed by the finally: also when the input breaks mid-part
+        with f:
+            count, errors = _stage_part(run, fill, part, stream, f)
+        storage.upload_file(f.name, storage.join(run.out, f"{part.name}.jsonl"))
+    finally:
+        os.unlink(f.name)
+    marker = {**part.key(), "lines": count, "errors": errors, "last": not stream.peek(1)}
+    storage.write_text(storage.join(run.out, f"{part.name}.done"), json.dumps(marker) + "\n")
+    run.stats.update(parts=run.stats["parts"] + 1, lines=run.stats["lines"] + count,
+                     errors=run.stats["errors"] + errors)  # fmt: skip
+
+
+def _stage_part(run: Run, fill: FillMask, part: Part, stream, f) -> tuple[int, int]:
+    """The part's results into f, a window at a time; how many lines, how many bad."""
+    cfg, per_part = run.cfg.infer, run.worker.lines_per_part
+    run.progress.total += per_part  # known part by part: an ETA for the parts begun
+    lines = iter_lines(stream, part.uri, part.line_range[0], per_part, cfg.text_field)
+    count = errors = 0
+    for results in fill_windows(fill, lines, part.uri, cfg.batch_size, run.progress):
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        if run.stats["lines"] + count == 0:
+            _preview(results)
+        count += len(results)
+        errors += sum("error" in r for r in results)
+    run.progress.total -= per_part - count
+    return count, errors
+
+
+def _drop_parts(run: Run, src: Input, first: int) -> None:
+    """Delete this worker's files of parts `first` and later: the file is shorter now."""
+    for k in sorted(k for k in src.stale if k >= first):
+        for name in sorted(src.stale.pop(k), key=lambda n: not n.endswith(".done")):
+            storage.delete(storage.join(run.out, name))  # uncommit first
+        log.info("%s has no part %d any more: removed its files", src.uri, k)
 
 
 def _read_marker(uri: str) -> dict | None:
@@ -321,21 +545,22 @@ def _read_marker(uri: str) -> dict | None:
     return marker if isinstance(marker, dict) else {}
 
 
-def _remove_gone_parts(out: str, files: list[str]) -> None:
+def _remove_gone_parts(out: str, names: list[str], files: list[str], worker: Worker) -> list[str]:
     """Delete the parts (lines and marker) of inputs no longer among the inputs, and any
-    other part-* file not named after a current input (e.g. positional names of old)."""
+    other part-* file not of a current input and this cut (older layouts, another
+    `lines_per_part`). Returns the names left."""
     current = {part_name(uri) for uri in files}
-    gone = [
-        name
-        for name in storage.list_names(out)
-        if name.startswith("part-")
-        and name.endswith((".jsonl", ".done"))
-        and name.rpartition(".")[0] not in current
-    ]
+    keep = {name for stem, parts in _found_parts(names, worker).items() if stem in current
+            for files_ in parts.values() for name in files_}  # fmt: skip
+    gone = {n for n in names if n.startswith("part-") and n.endswith((".jsonl", ".done"))
+            and n not in keep}  # fmt: skip
     for name in sorted(gone, key=lambda n: not n.endswith(".done")):  # uncommit first
         storage.delete(storage.join(out, name))
     if gone:
-        log.info("worker 0: removed %d file(s) of parts whose input is gone", len(gone))
+        log.info(
+            "worker 0: removed %d file(s) of parts of inputs gone (or cut otherwise)", len(gone)
+        )
+    return [n for n in names if n not in gone]
 
 
 def _preview(results: list[dict]) -> None:
@@ -346,16 +571,3 @@ def _preview(results: list[dict]) -> None:
     for m, row in enumerate(first["masks"], start=1):
         top = ", ".join(f"{c['token_str'].strip()!r} {c['score']:.3f}" for c in row)
         log.info("%s:%d mask %d: %s", first["file"], first["line"], m, top)
-
-
-def _commit(out: str, part: Part, results: list[dict], errors: int) -> None:
-    """Write the part whole, then its done marker: a part without the marker is redone."""
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        for r in results:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    try:
-        storage.upload_file(f.name, storage.join(out, f"{part.name}.jsonl"))
-    finally:
-        os.unlink(f.name)
-    marker = {**part.key(), "lines": len(results), "errors": errors}
-    storage.write_text(storage.join(out, f"{part.name}.done"), json.dumps(marker) + "\n")

@@ -17,6 +17,7 @@ unexpanded, a fieldRef it does not know) fails the test: a wrong manifest fails 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -151,10 +152,8 @@ class Running:
 
     def kill(self) -> None:
         """The node is gone: every process of the pod dies at once."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait()
 
     def terminate(self, grace: float) -> None:

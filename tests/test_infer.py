@@ -65,17 +65,28 @@ def config(src: Inputs, tmp_path, model_dir, inputs, out=None, name="infer.yaml"
     return write_config(tmp_path / name, text)
 
 
-def part_stem(uri) -> str:
+def part_stem(uri, first: int = 1, last: int = 100_000) -> str:
     """The storage layout's contract: a part is named by its input URI, never by its
-    position in the input list."""
+    position in the input list, and by its line range (infer.lines_per_part lines, 100,000
+    by default; the last part of a file holds fewer)."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(uri).rsplit("/", 1)[-1])
-    return f"part-{base}-{hashlib.sha256(str(uri).encode()).hexdigest()[:12]}"
+    return f"part-{base}-{hashlib.sha256(str(uri).encode()).hexdigest()[:12]}-lines-{first}-{last}"
+
+
+def part_stems(uri, per_part: int, parts: int) -> list[str]:
+    return [part_stem(uri, k * per_part + 1, (k + 1) * per_part) for k in range(parts)]
+
+
+def in_order(path: Path) -> tuple[str, int]:
+    """Parts sorted by input, then by first line (as numbers: lines-11-20 after lines-1-10)."""
+    stem, _, lines = path.stem.rpartition("-lines-")
+    return stem, int(lines.split("-")[0])
 
 
 def read_parts(out: Path) -> list[dict]:
     return [
         json.loads(line)
-        for p in sorted(out.glob("part-*.jsonl"))
+        for p in sorted(out.glob("part-*.jsonl"), key=in_order)
         for line in p.read_text().splitlines()
     ]
 
@@ -86,14 +97,15 @@ def test_results_equal_the_pipeline(synthetic, tmp_path, model_dir):
     too_long = "word " * 600 + "<mask>"
     lines = [*GOOD, "no mask here", "", too_long]
     src = tmp_path / "lines.txt"
-    src.write_bytes("\n".join(lines).encode() + b"\n" + b"caf\xe9 <mask>\n")
+    huge = b"x" * (2 << 20) + b" <mask>\n"  # read past in pieces, never held whole
+    src.write_bytes("\n".join(lines).encode() + b"\n" + b"caf\xe9 <mask>\n" + huge)
     # fp32 explicitly: the default (auto) is bf16 on a GPU, which the fp32 pipeline is not
     cfg = config(synthetic, tmp_path, model_dir, [src])
     proc = mlmjob("infer", "-c", cfg, "--set", "infer.precision=fp32", check=True)
-    assert "1 parts written, 0 skipped, 9 lines (4 errors)" in proc.stderr
+    assert "1 parts written, 0 skipped, 10 lines (5 errors)" in proc.stderr
     assert "precision fp32" in proc.stderr
     out = read_parts(tmp_path / "out")
-    assert [(r["file"], r["line"]) for r in out] == [(str(src), n) for n in range(1, 10)]
+    assert [(r["file"], r["line"]) for r in out] == [(str(src), n) for n in range(1, 11)]
 
     n_long = len(AutoTokenizer.from_pretrained(model_dir)(too_long)["input_ids"])
     assert n_long > 510
@@ -117,6 +129,7 @@ def test_results_equal_the_pipeline(synthetic, tmp_path, model_dir):
         # 512 positions, 2 reserved by RoBERTa (roberta-base's tokenizer makes 603 tokens)
         8: f"{n_long} tokens, the model takes at most 510",
         9: "invalid UTF-8 at column 4",
+        10: "longer than 1 MiB",
     }
 
 
@@ -189,7 +202,7 @@ def test_processes_per_node_through_the_launcher(synthetic, tmp_path, model_dir)
     assert_complete(tmp_path / "out", inputs, 20)
 
 
-def test_end_to_end_through_s3(synthetic, tmp_path, model_dir, s3_prefix):
+def test_end_to_end_through_s3(synthetic, tmp_path, model_dir, s3_prefix, s3_proxy):
     storage.configure()
     storage.upload_dir(model_dir, f"{s3_prefix}/model")
     for i, path in enumerate(make_inputs(tmp_path / "in", files=2, lines=10)):
@@ -216,6 +229,14 @@ def test_end_to_end_through_s3(synthetic, tmp_path, model_dir, s3_prefix):
     marker = json.loads(storage.read_text(f"{s3_prefix}/out/{stems[2]}.done"))
     head = storage.client().head_object(Bucket="test", Key=inputs[2][len("s3://test/") :])
     assert marker["fingerprint"] == {"size": head["ContentLength"], "etag": head["ETag"]}
+    assert marker["last"] is True
+    # a rerun of a finished job: every marker matches and says its file ends there, so no
+    # input is read (HEADs for the fingerprints only) and the model is not loaded
+    again = mlmjob("infer", "-c", cfg, "--set", f"infer.model={s3_prefix}/model",
+                   env=s3_proxy.env(), check=True)  # fmt: skip
+    assert "3 part(s) already committed" in again.stderr
+    assert [path for method, path in s3_proxy.counts if method == "GET" and "/in/" in path] == []
+    assert not any("/model/" in path for _, path in s3_proxy.counts)
 
 
 def test_missing_inputs_and_model_fail_with_one_line(synthetic, tmp_path, model_dir):
@@ -233,6 +254,18 @@ def test_missing_inputs_and_model_fail_with_one_line(synthetic, tmp_path, model_
         .splitlines()[-1]
         .startswith(f"mlmjob: error: infer.model: cannot load '{tmp_path}/no-model'")
     )
+    cut = tmp_path / "in" / "cut.txt.gz"  # a gzip that ends early: found mid-stream
+    cut.write_bytes(gzip.compress(b"The <mask> is blue.\n" * 5000)[:-20])
+    proc = mlmjob("infer", "-c", config(synthetic, tmp_path, model_dir, [cut]))
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"mlmjob: error: {cut}: cannot read: truncated gzip: the compressed data ends at byte "
+        )
+    )
+    assert not list((tmp_path / "out").glob("*"))  # nothing of the broken part is visible
 
 
 def write_lines(path: Path, n: int, tag: str) -> None:
@@ -269,6 +302,120 @@ def test_parts_follow_inputs_added_removed_and_changed(synthetic, tmp_path, mode
     markers = [json.loads(p.read_text()) for p in out.glob("*.done")]
     assert sorted(m["input"] for m in markers) == [str(src / f"{x}.txt") for x in "abc"]
     assert b_part.stat().st_mtime_ns == b_mtime  # unchanged and committed: not rewritten
+
+
+def mixed_lines(n: int) -> list[str]:
+    """n lines of varied lengths, some of them bad: batches and windows differ by the cut."""
+    lines = []
+    for i in range(n):
+        if i % 17 == 5:
+            lines.append("no mask here")
+        elif i % 23 == 7:
+            lines.append("")
+        else:
+            lines.append(f"Line {i}: the <mask> is " + "very " * (i % 9) + "bright tonight.")
+    return lines
+
+
+def assert_same_results(got: list[dict], want: list[dict]) -> None:
+    """Equal line for line; scores up to float noise (the lines that share a padded batch
+    depend on where parts and windows are cut)."""
+    assert [(r["file"], r["line"], r.get("error")) for r in got] == [
+        (r["file"], r["line"], r.get("error")) for r in want
+    ]
+    for g, w in zip(got, want, strict=True):
+        for row_g, row_w in zip(g.get("masks", []), w.get("masks", []), strict=True):
+            keys = ("token", "token_str", "sequence")
+            assert [[c[k] for k in keys] for c in row_g] == [[c[k] for k in keys] for c in row_w]
+            assert all(
+                abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(row_g, row_w, strict=True)
+            )
+
+
+def test_split_file_equals_the_unsplit_run(synthetic, tmp_path, model_dir):
+    src = tmp_path / "in" / "big.txt.gz"  # gzip too: parts are cut from one decompressed stream
+    src.parent.mkdir()
+    src.write_bytes(gzip.compress(("\n".join(mixed_lines(95)) + "\n").encode()))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    cfg = config(synthetic, tmp_path, model_dir, [src], out=whole, name="whole.yaml")
+    # batch_size 2: windows of 64 lines, so the unsplit part is written in two of them
+    mlmjob("infer", "-c", cfg, "--set", "infer.batch_size=2", check=True)
+    cfg = config(synthetic, tmp_path, model_dir, [src], out=split, name="split.yaml")
+    proc = mlmjob("infer", "-c", cfg, "--set", "infer.lines_per_part=20", check=True)
+    assert "infer: 5 parts written, 0 skipped, 95 lines" in proc.stderr
+    stems = part_stems(src, 20, 5)
+    assert sorted(p.name for p in split.iterdir()) == sorted(
+        f"{stem}{ext}" for stem in stems for ext in (".done", ".jsonl")
+    )
+    assert [p.name for p in whole.iterdir() if p.suffix == ".done"] == [f"{part_stem(src)}.done"]
+    assert_same_results(read_parts(split), read_parts(whole))
+    assert [r["line"] for r in read_parts(split)] == list(range(1, 96))
+    markers = [json.loads((split / f"{stem}.done").read_text()) for stem in stems]
+    assert [(m["line_range"], m["lines"], m["last"]) for m in markers] == [
+        ([1, 20], 20, False), ([21, 40], 20, False), ([41, 60], 20, False),
+        ([61, 80], 20, False), ([81, 100], 15, True),
+    ]  # fmt: skip
+
+
+def test_two_workers_share_one_file_by_parts(synthetic, tmp_path, model_dir):
+    (src,) = make_inputs(tmp_path / "in", files=1, lines=60)
+    cfg = config(synthetic, tmp_path, model_dir, [src])
+    out, cut, stems = tmp_path / "out", ["--set", "infer.lines_per_part=10"], part_stems(src, 10, 6)
+    run = mlmjob("infer", "-c", cfg, *cut, "--worker-index", 1, "--num-workers", 2, check=True)
+    assert "infer: 3 parts written, 0 skipped, 30 lines" in run.stderr
+    assert sorted(p.name for p in out.glob("*.done")) == sorted(f"{s}.done" for s in stems[1::2])
+    run = mlmjob("infer", "-c", cfg, *cut, "--worker-index", 0, "--num-workers", 2, check=True)
+    assert "infer: 3 parts written, 0 skipped, 30 lines" in run.stderr
+    assert sorted(p.name for p in out.glob("*.done")) == sorted(f"{s}.done" for s in stems)
+    records = read_parts(out)  # every line exactly once, in input order
+    assert [(r["file"], r["line"]) for r in records] == [(str(src), n) for n in range(1, 61)]
+
+
+def test_killed_mid_file_resumes_inside_it(synthetic, tmp_path, model_dir):
+    (src,) = make_inputs(tmp_path / "in", files=1, lines=3000)
+    cfg = config(synthetic, tmp_path, model_dir, [src])
+    out, cut, stems = (
+        tmp_path / "out",
+        ["--set", "infer.lines_per_part=300"],
+        part_stems(src, 300, 10),
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "job", "infer", "-c", str(cfg), *cut],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / f"{stems[0]}.done").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [p.stem for p in sorted(out.glob("*.done"), key=in_order)]
+    n = len(done)
+    assert 1 <= n < 10 and done == stems[:n]  # killed mid-file, its first parts committed
+    committed = {p: p.stat().st_mtime_ns for s in stems[:n] for p in out.glob(f"{s}.*")}
+    (out / f"{stems[n]}.jsonl").write_text('{"half": "written"}\n')  # killed mid-upload
+    again = mlmjob("infer", "-c", cfg, *cut, check=True)
+    assert f"{n} part(s) already committed" in again.stderr
+    assert f"infer: {10 - n} parts written, {n} skipped, {3000 - 300 * n} lines" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in committed} == committed  # not rewritten
+    records = read_parts(out)  # none lost, none twice, in input order
+    assert [(r["file"], r["line"]) for r in records] == [(str(src), n) for n in range(1, 3001)]
+
+
+def test_split_input_changed_then_cut_otherwise(synthetic, tmp_path, model_dir):
+    src, out = tmp_path / "in.txt", tmp_path / "out"
+    write_lines(src, 30, "v1")
+    cfg = config(synthetic, tmp_path, model_dir, [src])
+    mlmjob("infer", "-c", cfg, "--set", "infer.lines_per_part=10", check=True)
+    write_lines(src, 15, "v2")  # changed and shorter: two parts now, not three
+    proc = mlmjob("infer", "-c", cfg, "--set", "infer.lines_per_part=10", check=True)
+    assert f"{src} changed since {part_stem(src, 1, 10)} was written: redoing it" in proc.stderr
+    for ext in ("*.jsonl", "*.done"):
+        assert sorted(p.stem for p in out.glob(ext)) == sorted(part_stems(src, 10, 2))
+    records = read_parts(out)
+    assert [r["line"] for r in records] == list(range(1, 16))
+    assert all(r["masks"][0][0]["sequence"].startswith("v2 ") for r in records)
+    mlmjob("infer", "-c", cfg, "--set", "infer.lines_per_part=4", check=True)  # the old cut goes
+    for ext in ("*.jsonl", "*.done"):
+        assert sorted(p.stem for p in out.glob(ext)) == sorted(part_stems(src, 4, 4))
+    assert [r["line"] for r in read_parts(out)] == list(range(1, 16))
 
 
 @pytest.mark.data

@@ -88,7 +88,9 @@ def test_overlay_and_setup_validate_in_strict_mode(name, tmp_path):
 
 def crd_schema(kind: str, api_version: str) -> dict:
     if not SCHEMAS.is_dir():
-        reason = f"CRD schemas: {SCHEMAS} not found (see DEVELOPERS.md: ../shared beside the project)"
+        reason = (
+            f"CRD schemas: {SCHEMAS} not found (see DEVELOPERS.md: ../shared beside the project)"
+        )
         if REQUIRE_DATA:
             pytest.fail(f"MLMJOB_REQUIRE_DATA is set but {reason}", pytrace=False)
         pytest.skip(reason)
@@ -157,7 +159,9 @@ def test_pipeline_order_and_failure_policy(name, config):
         assert spec["completions"] == spec["parallelism"]
     train = jobs["train"]["template"]["spec"]
     assert train["backoffLimit"] == 0  # a lost pod restarts the whole group (failurePolicy)
-    assert all("backoffLimitPerIndex" in jobs[n]["template"]["spec"] for n in ("preprocess", "infer"))
+    assert all(
+        "backoffLimitPerIndex" in jobs[n]["template"]["spec"] for n in ("preprocess", "infer")
+    )
     load_config(ROOT / "configs" / f"{config}.yaml")  # what the pods will read loads
 
 
@@ -185,7 +189,10 @@ def test_each_failure_kind_gets_its_action():
         "RestartJobSetAndIgnoreMaxRestarts")  # fmt: skip
     assert matching_rule(js, "PodFailurePolicy", CONDITION_MESSAGE.format(**pod)) == (
         "RestartJobSetAndIgnoreMaxRestarts")  # fmt: skip
-    assert matching_rule(js, "BackoffLimitExceeded", "Job has reached the specified backoff limit") == "RestartJobSet"
+    assert (
+        matching_rule(js, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        == "RestartJobSet"
+    )
     assert matching_rule(js, "FailedIndexes", "Job has failed indexes") == "RestartJobSet"
 
 
