@@ -20,6 +20,7 @@ from job import env, storage
 from job.config import Config, dump_yaml
 from job.data import shards
 from job.data.blocks import load_tokenizer
+from job.data.sources import hub_files
 from job.errors import BadInput, StorageError, TransientStorageError
 from job.pretrained import expect_files
 from job.train.accel import deepspeed_config
@@ -71,6 +72,10 @@ def _sources(cfg: Config, report: Report) -> None:
             split = source.split or "train"
             report.plan.append(f"data.sources[{i}]: Hugging Face dataset {source.hf} "
                                f"(split {split}), checked when it loads")  # fmt: skip
+            continue
+        if (source.uri or "").startswith("hf://"):
+            _, hub = hub_files(source, f"data.sources[{i}]")
+            report.plan.append(f"data.sources[{i}]: {len(hub)} file(s) on the Hub")
             continue
         matched = storage.expand(source.uri or "")
         if not matched:

@@ -203,3 +203,15 @@ def test_preflight_against_s3(s3, s3_prefix, tmp_path, monkeypatch):
     assert errors and all(line.startswith("mlmjob: error: ") for line in errors)
     assert any(src in line or s3_prefix in line for line in errors), errors
     assert S3_KEY not in wrong.stderr  # no credentials in logs
+
+
+def test_preflight_resolves_hub_uris(tmp_path):
+    """An hf:// source is listed on the Hub at preflight; the Hub unreachable is one line."""
+    proc = mlmjob("validate", "--preflight", "-c", "configs/demo.yaml", "--set",
+                  "data.sources=[{uri: 'hf://datasets/owner/name/data/*.parquet'}]",
+                  "--set", f"run.output={tmp_path}/run", "--set", f"data.output={tmp_path}/d",
+                  env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("mlmjob: error: data.sources[0]: hf://datasets/owner/name/data/"
+                           "*.parquet: the Hub cannot be reached")  # fmt: skip

@@ -328,9 +328,9 @@ def _iter_parquet(uri: str, f, wants: Wants, fields: set[str]):
 # ---- the Hugging Face Hub ----------------------------------------------------------------
 
 
-def _iter_hub_files(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
-    """`hf://datasets/OWNER/NAME[@REVISION]/PATH-OR-GLOB` through huggingface_hub's fsspec
-    file system: files are streamed with ranged reads, like S3 objects."""
+def hub_files(source: SourceConfig, key: str):
+    """The files an `hf://datasets/OWNER/NAME[@REVISION]/PATH-OR-GLOB` URI names, through
+    huggingface_hub's fsspec file system: (the file system, the sorted paths)."""
     try:
         from huggingface_hub import HfFileSystem
     except ImportError:
@@ -356,6 +356,12 @@ def _iter_hub_files(source: SourceConfig, key: str, wants: Wants, fields: set[st
         raise BadInput(_hf_failure(key, source.uri, e)) from None
     if not files:
         raise BadInput(f"{key}: '{source.uri}' matches no file")
+    return fs, files
+
+
+def _iter_hub_files(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
+    """Hub files streamed with ranged reads, like S3 objects."""
+    fs, files = hub_files(source, key)
 
     def opener(uri: str):
         try:
