@@ -44,7 +44,7 @@ import numpy as np
 
 from job import env, storage
 from job.config import Config
-from job.data.sources import _Checked  # gzip-aware, a broken file is one BadInput line
+from job.data.sources import open_stream
 from job.errors import BadInput
 from job.log import bar, log
 from job.pretrained import load_pretrained
@@ -145,15 +145,9 @@ def input_files(cfg: Config) -> list[str]:
 
 @contextmanager
 def open_text(uri: str) -> Iterator[tuple[io.BufferedReader, bool]]:
-    """A file's bytes as a stream, gunzipped as read when gzip, and whether it was gzip.
-    A file that is unreadable or breaks mid-way is one BadInput line naming it."""
-    try:
-        f = storage.open_read(uri)
-    except OSError as e:  # FileNotFoundError and friends; S3 errors have their own lines
-        raise BadInput(f"{uri}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    with f:
-        gz = f.peek(2)[:2] == b"\x1f\x8b"
-        yield io.BufferedReader(_Checked(uri, f, gz), 1 << 20), gz
+    """A file's bytes as a stream, gunzipped as read when gzip, and whether it was gzip."""
+    with open_stream(uri) as (data, _, gz):
+        yield data, gz
 
 
 def _raw_lines(stream: io.BufferedReader, count: int | None) -> Iterator[bytes | None]:

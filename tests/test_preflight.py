@@ -42,7 +42,7 @@ CONFIG_CASES = [
     ("data.shard_blocks=0", "key 'data.shard_blocks' must be >= 1, got 0"),
     ("data.max_records=0", "key 'data.max_records' must be >= 1, got 0"),
     ("run.seed=-1", "key 'run.seed' must be >= 0, got -1"),
-    ("infer.lines_per_part=5", "unknown key 'infer.lines_per_part'"),
+    ("infer.lines_per_part=0", "key 'infer.lines_per_part' must be >= 1, got 0"),
 ]  # fmt: skip
 
 

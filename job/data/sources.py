@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -141,19 +142,11 @@ def _iter_raw(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
 # ---- files -----------------------------------------------------------------------------
 
 
-def read_input(uri: str) -> bytes:
-    """A file's bytes, gunzipped when gzip; an unreadable file is one BadInput line.
-    (Whole-file reading, for inference inputs; preprocessing streams, see _iter_file.)"""
-    try:
-        data = storage.read_bytes(uri)
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        return data
-    except (OSError, EOFError) as e:
-        raise BadInput(f"{uri}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-
-
-def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
+@contextmanager
+def open_stream(uri: str, opener=storage.open_read):
+    """A file as (its bytes gunzipped as they are read when it is gzip, the raw stream,
+    whether it is gzip): never read whole. A file that cannot be opened, or that breaks
+    mid-way, is one BadInput line naming it (and where)."""
     try:
         f = opener(uri)
     except OSError as e:  # FileNotFoundError and friends; S3 errors have their own lines
@@ -164,7 +157,11 @@ def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
         else:  # an fsspec file: seekable, without peek
             gz = f.read(2) == b"\x1f\x8b"
             f.seek(0)
-        data = io.BufferedReader(_Checked(uri, f, gz), 1 << 20)
+        yield io.BufferedReader(_Checked(uri, f, gz), 1 << 20), f, gz
+
+
+def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
+    with open_stream(uri, opener) as (data, f, gz):
         if uri.removesuffix(".gz").endswith(".parquet"):
             yield from _iter_parquet(uri, data if gz else f, wants, fields)
             return
