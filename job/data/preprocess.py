@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,60 @@ def _staged(uri: str, cfg: Config):
             yield tmp
 
 
+@dataclass
+class PartWriter:
+    """One worker's tokenized records, appended to its two .npy files as they come, and
+    the counts its commit marker holds."""
+
+    tok: object
+    ids: NpyAppender
+    lengths: NpyAppender
+    progress: object
+    records: int = 0
+    tokens: int = 0
+    bad_count: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (stream index, line): the first
+    batch: list = field(default_factory=list)
+
+    def add(self, j: int, rec) -> None:
+        self.records += 1
+        if rec.error is not None:
+            if self.bad_count < MAX_LOGGED_BAD:
+                log.warning("skipping %s: %s", rec.origin, rec.error)
+                self.bad.append((j, f"{rec.origin}: {rec.error}"))
+            self.bad_count += 1
+        self.batch.append(rec)
+        if len(self.batch) >= ENCODE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        texts = [r.text for r in self.batch if r.text is not None]
+        ids, lens = blocks_mod.encode(self.tok, texts, self.ids.dtype)
+        it = iter(lens.tolist())
+        self.ids.append(ids)
+        self.lengths.append(np.asarray([next(it) if r.text is not None else -1
+                                        for r in self.batch], dtype=np.int64))  # fmt: skip
+        self.tokens += len(ids)
+        self.progress.update(len(self.batch))
+        self.batch.clear()
+
+    def marker(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            format=np.asarray(PART_FORMAT),
+            records=np.asarray(self.records),
+            tokens=np.asarray(self.tokens),
+            bad=np.asarray([b for _, b in self.bad], dtype=np.str_),
+            bad_index=np.asarray([j for j, _ in self.bad], dtype=np.int64),
+            bad_count=np.asarray(self.bad_count),
+        )
+        return buf.getvalue()
+
+
 def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: str) -> None:
     start = time.perf_counter()
     dtype = blocks_mod.id_dtype(len(tok))
-    bad: list[tuple[int, str]] = []  # (stream index, "origin: error"), the first few
-    bad_count = records = tokens = 0
-    progress = bar(desc=f"tokenize (worker {worker}/{num_workers})", unit=" rec")
     chunk = CHUNK  # read once: the stream and the finalizer must agree on it
 
     def keep(j: int) -> bool:
@@ -156,52 +205,21 @@ def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: st
     with (
         _staged(_part_file(part_uri, "ids"), cfg) as ids_path,
         _staged(_part_file(part_uri, "lengths"), cfg) as lengths_path,
+        bar(desc=f"tokenize (worker {worker}/{num_workers})", unit=" rec") as progress,
     ):
-        ids_out, lengths_out = NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64)
-        batch: list = []
-
-        def flush():
-            nonlocal tokens
-            texts = [r.text for r in batch if r.text is not None]
-            ids, lens = blocks_mod.encode(tok, texts, dtype)
-            it = iter(lens.tolist())
-            lengths = [next(it) if r.text is not None else -1 for r in batch]
-            ids_out.append(ids)
-            lengths_out.append(np.asarray(lengths, dtype=np.int64))
-            tokens += len(ids)
-            progress.update(len(batch))
-            progress.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
-            batch.clear()
-
+        part = PartWriter(tok, NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64),
+                          progress)  # fmt: skip
         for j, rec in _mine(enumerate(iter_records(cfg.data, keep=keep)), worker, num_workers):
-            records += 1
-            if rec.error is not None:
-                if bad_count < MAX_LOGGED_BAD:
-                    log.warning("skipping %s: %s", rec.origin, rec.error)
-                    bad.append((j, f"{rec.origin}: {rec.error}"))
-                bad_count += 1
-            batch.append(rec)
-            if len(batch) >= ENCODE_BATCH:
-                flush()
-        flush()
-        progress.close()
-        ids_out.close()
-        lengths_out.close()
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        format=np.asarray(PART_FORMAT),
-        records=np.asarray(records),
-        tokens=np.asarray(tokens),
-        bad=np.asarray([b for _, b in bad], dtype=np.str_),
-        bad_index=np.asarray([j for j, _ in bad], dtype=np.int64),
-        bad_count=np.asarray(bad_count),
-    )
-    storage.write_bytes(part_uri, buf.getvalue())  # the commit point of the part
+            part.add(j, rec)
+        part.flush()
+        part.ids.close()
+        part.lengths.close()
+    storage.write_bytes(part_uri, part.marker())  # the commit point of the part
     seconds = time.perf_counter() - start
     log.info(
         "worker %d: %d records (%d malformed), %d tokens in %.1f s (%.0f tokens/s)",
-        worker, records, bad_count, tokens, seconds, tokens / max(seconds, 1e-9),
+        worker, part.records, part.bad_count, part.tokens, seconds,
+        part.tokens / max(seconds, 1e-9),
     )  # fmt: skip
 
 
