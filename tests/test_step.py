@@ -21,6 +21,14 @@ SYNCING = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_non
            "aten.equal", "aten.masked_select", "aten.unique", "aten._unique2"}  # fmt: skip
 
 
+def _bool_index(args) -> bool:
+    """Indexing with a boolean mask (`x[mask]`, `x[mask] = v`): its output shape depends on
+    the data, so it runs a nonzero inside, below the dispatch mode; seen here as the op."""
+    flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+    return any(isinstance(a, torch.Tensor) and a.dtype in (torch.bool, torch.uint8)
+               for a in flat[1:])  # fmt: skip
+
+
 class SyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -30,7 +38,20 @@ class SyncCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         if name in SYNCING:
             self.ops[name] += 1
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_") and _bool_index(args):
+            self.ops[f"{name} (boolean mask)"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def test_the_counter_sees_boolean_mask_indexing():
+    x, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+    with SyncCounter() as counter:
+        _ = x[mask]
+        x[mask] = 0.0
+        _ = x[torch.tensor([0, 2])]  # integer indices: fixed shape, no sync
+        _ = x.sum().item()
+    assert counter.ops == Counter({"aten.index (boolean mask)": 1, "aten.index_put_ (boolean mask)": 1,
+                                   "aten._local_scalar_dense": 1})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
