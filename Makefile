@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mlmjob preprocess -c configs/demo.yaml
 	$(BIN)/mlmjob train -c configs/demo.yaml
+	$(BIN)/mlmjob evaluate -c configs/demo.yaml
 	$(BIN)/mlmjob infer -c configs/demo.yaml
 
 test: setup

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         ("preprocess", "ELI5 -> sharded block dataset"),
         ("train", "train on the block dataset"),
         ("infer", "batch fill-mask over text files"),
+        ("evaluate", "perplexity of a masked LM (infer.model) on the test split"),
+        ("push", "a finished run's model/ to the Hugging Face Hub, with a model card"),
     ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("-c", "--config", required=True, help="YAML config file")
@@ -80,6 +82,14 @@ def _run(args) -> int:
         from job.train.loop import train
 
         return train(cfg)
+    if args.command == "push":
+        from job.push import push
+
+        return push(cfg)
+    if args.command == "evaluate":
+        from job.train.evaluate import evaluate
+
+        return evaluate(cfg)
     from job.infer import infer
 
     infer(cfg, *worker)

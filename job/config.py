@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -38,6 +39,20 @@ Int = Annotated[int, Strict()]  # YAML `true` is not a number of steps
 Float = Annotated[float, BeforeValidator(_no_bool)]
 Precision = Literal["auto", "bf16", "fp32"]
 
+_SCHEMES = ("file", "s3")  # what job.storage reads and writes
+
+
+def _storage_uri(value: str, schemes: tuple[str, ...] = _SCHEMES) -> str:
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in schemes:
+        raise ValueError(f"a local path or a {', '.join(s + '://' for s in schemes)} URI")
+    return value
+
+
+Uri = Annotated[str, AfterValidator(_storage_uri)]  # local path, file:// or s3://
+# Sources may also be files on the Hub, streamed through its fsspec file system.
+SourceUri = Annotated[str, AfterValidator(lambda v: _storage_uri(v, (*_SCHEMES, "hf")))]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -46,7 +61,7 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """One input: a storage URI or glob (`uri`), or a Hugging Face dataset (`hf` + `split`)."""
 
-    uri: str | None = Field(
+    uri: SourceUri | None = Field(
         None, description="a file, folder or glob: local, `s3://bucket/...`, or "
         "`hf://datasets/OWNER/NAME/PATH` (Hub files, streamed)",
     )  # fmt: skip
@@ -74,6 +89,18 @@ class SourceConfig(_Section):
     def _from_string(cls, value: Any) -> Any:
         return {"uri": value} if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.uri is None) == (self.hf is None):
+            raise ValueError("exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset)")
+        hf_only = self.hf_config, self.split, self.data_files, self.streaming or None
+        if self.uri is not None and any(v is not None for v in hf_only):
+            raise ValueError(
+                "without 'hf_config', 'split', 'data_files' and 'streaming' (they apply to "
+                "'hf' datasets)"
+            )
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_unset_new_keys(self, handler) -> dict:
         """Keys added after datasets were first made are left out at their defaults: the
@@ -86,7 +113,7 @@ class SourceConfig(_Section):
 
 
 class RunConfig(_Section):
-    output: str = Field(
+    output: Uri = Field(
         "out/run", description="where checkpoints, metrics, summary and the model go"
     )
     seed: Int = Field(42, ge=0, description="split, sample order, masks, initial weights")
@@ -122,7 +149,7 @@ class DataConfig(_Section):
         "`train_test_split(test_size, seed=run.seed)`",
     )  # fmt: skip
     block_size: Int = Field(128, ge=2, description="tokens per block")
-    output: str = Field("out/data", description="dataset root")
+    output: Uri = Field("out/data", description="dataset root")
     shard_blocks: Int = Field(65536, ge=1, description="blocks per `.npy` shard")
     max_bad_fraction: Float = Field(
         0.01, ge=0, le=1, description="malformed records above this fraction fail the run (exit 2)"
@@ -148,6 +175,14 @@ class ModelConfig(_Section):
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="applied to the model config, e.g. `{hidden_size: 256}`"
     )
+
+
+class PushToHubConfig(_Section):
+    """Where `mlmjob push` (and a finished training run) uploads `model/`."""
+
+    repo_id: str = Field(description="`OWNER/NAME` on the Hub (token: `HF_TOKEN`)")
+    private: bool = Field(True, description="a new repo is private")
+    revision: str | None = Field(None, description="branch to push to (default `main`)")
 
 
 class TrainConfig(_Section):
@@ -186,18 +221,26 @@ class TrainConfig(_Section):
     )  # fmt: skip
     compile: bool = Field(False, description="`torch.compile` the encoder layers")
     num_threads: Int | None = Field(None, ge=1, description="CPU threads per process")
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        default_factory=list, description="trackers (accelerate's): `[mlflow, tensorboard, "
+        "wandb]`; servers and tokens from `MLFLOW_TRACKING_URI`, `WANDB_API_KEY`/`WANDB_MODE`",
+    )  # fmt: skip
+    push_to_hub: PushToHubConfig | None = Field(
+        None, description="`{repo_id, private, revision}`: push `model/` with a model card "
+        "when the run ends (a failed push is a warning; rerun `mlmjob push`)",
+    )  # fmt: skip
 
 
 class InferConfig(_Section):
     model: str | None = Field(
         None, description="any masked LM folder, hub id or URI (default: `{run.output}/model`)"
     )
-    inputs: list[str] = Field(
+    inputs: list[Uri] = Field(
         default_factory=list,
         description="URIs/globs of `.txt` (a text per line) or `.jsonl` "
         "(`infer.text_field`), optionally `.gz`",
     )
-    output: str = Field("out/infer", description="where the parts go")
+    output: Uri = Field("out/infer", description="where the parts go")
     text_field: str = Field("text", description="the field read from JSON lines inputs")
     top_k: Int = Field(3, ge=1, description="candidates per `<mask>`")
     batch_size: Int = Field(64, ge=1, description="lines per forward")

@@ -1,4 +1,4 @@
-"""The pod entrypoint: `python -m job.launch {train|infer} -c CONFIG [--set ...]`.
+"""The pod entrypoint: `python -m job.launch {train|infer|evaluate} -c CONFIG [--set ...]`.
 
 Reads what Kubernetes (or a test, or a laptop) puts in the environment and starts
 `torchrun` with one worker per GPU:
@@ -29,6 +29,8 @@ import tempfile
 from pathlib import Path
 
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRY
+
+COMMANDS = ("train", "infer", "evaluate")  # the ones that run on every process
 
 
 def torchrun_command(args: list[str], env: dict) -> list[str]:
@@ -91,8 +93,9 @@ def _signal_workers(pid: int, sig: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in ("train", "infer"):
-        print("usage: python -m job.launch {train|infer} -c CONFIG [--set ...]", file=sys.stderr)
+    if not args or args[0] not in COMMANDS:
+        print(f"usage: python -m job.launch {{{'|'.join(COMMANDS)}}} -c CONFIG [--set ...]",
+              file=sys.stderr)  # fmt: skip
         return EXIT_BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="mlmjob-exit-") as exit_dir:
         env = {**os.environ, "MLMJOB_EXIT_DIR": exit_dir}

@@ -64,7 +64,7 @@ def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data)
     ]
     logs = [p.communicate(timeout=600)[0] for p in pods]
     assert [p.returncode for p in pods] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    assert any("training: 2 processes" in log for log in logs)
+    assert any("training demo: 2 processes" in log for log in logs)
 
     local = subprocess.run(
         [sys.executable, "-m", "job.launch", "train", *DEMO, *sets, "--set", f"run.output={tmp_path}/one-node"],

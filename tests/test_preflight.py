@@ -42,6 +42,12 @@ CONFIG_CASES = [
     ("data.shard_blocks=0", "key 'data.shard_blocks' must be >= 1, got 0"),
     ("data.max_records=0", "key 'data.max_records' must be >= 1, got 0"),
     ("run.seed=-1", "key 'run.seed' must be >= 0, got -1"),
+    ("data.sources=[gs://b/x.json]", "key 'data.sources[0].uri' must be a local path or a file://, s3://, hf:// URI, got 'gs://b/x.json'"),
+    ("run.output=gs://b/run", "key 'run.output' must be a local path or a file://, s3:// URI, got 'gs://b/run'"),
+    ("infer.inputs=[az://c/x.txt]", "key 'infer.inputs[0]' must be a local path or a file://, s3:// URI, got 'az://c/x.txt'"),
+    ("data.sources=[{uri: a.json, hf: eli5}]", "key 'data.sources[0]' must be exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset), got {'uri': 'a.json', 'hf': 'eli5'}"),
+    ("data.sources=[{split: train}]", "key 'data.sources[0]' must be exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset), got {'split': 'train'}"),
+    ("data.sources=[{uri: a.json, streaming: true}]", "key 'data.sources[0]' must be without 'hf_config', 'split', 'data_files' and 'streaming' (they apply to 'hf' datasets), got {'uri': 'a.json', 'streaming': True}"),
     ("infer.lines_per_part=0", "key 'infer.lines_per_part' must be >= 1, got 0"),
 ]  # fmt: skip
 

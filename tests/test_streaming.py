@@ -496,7 +496,6 @@ def test_script_based_dataset_is_one_line(tmp_path):
         ("{hf: json, data_files: ['{tmp}/none*.jsonl'], split: train}", "no data files found"),
         ("{hf: owner/name, split: train}", "the Hub cannot be reached"),
         ("{uri: 'hf://datasets/owner/name/data/*.parquet'}", "the Hub cannot be reached"),
-        ("{uri: '{src}', streaming: true}", "'data_files' and 'streaming' apply to 'hf' sources"),
     ],
 )
 def test_hf_failures_are_one_line(tmp_path, source, expected):

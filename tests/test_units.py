@@ -510,7 +510,9 @@ def test_should_check_preemption_truth_table():
 SAVED = {"step": 37, "epoch": 2, "sample": 40, "samples_seen": 296, "tokens": 18944,
          "base_batch": 8, "world_size": 2, "train_seconds": 12.5, "wall_seconds": 20.25,
          "window_seconds": 0.75, "window_loss": 123.5, "window_tokens": 41.0,
-         "last_eval": {"eval_loss": 2.5, "perplexity": 12.18, "eval_tokens": 99, "step": 30}}  # fmt: skip
+         "last_eval": {"eval_loss": 2.5, "perplexity": 12.18, "eval_tokens": 99, "step": 30},
+         "initial_eval": {"eval_loss": 6.9, "perplexity": 992.3, "eval_tokens": 99},
+         "tracker_runs": {"mlflow": "0123456789abcdef0123456789abcdef"}}  # fmt: skip
 
 
 def test_train_state_round_trips_every_field_through_json():

@@ -44,7 +44,10 @@ from job.log import bar, log
 CHUNK = 1000  # records per unit of work handed round-robin to workers
 ENCODE_BATCH = 2048  # texts per encode_batch call: large enough to keep every core busy
 MAX_LOGGED_BAD = 20
-GATHER_BATCH = 1 << 16  # records gathered at a time when writing shards
+# Records gathered at a time when writing shards. The split's order is random, so a batch
+# touches about one page of the mapped parts per record: those pages count as this
+# process's memory until `release`, which bounds it near GATHER_BATCH x 8 KiB.
+GATHER_BATCH = 1 << 14
 PART_FORMAT = 2  # 1: one .npz holding the ids (read still); 2: .npy files beside the marker
 
 

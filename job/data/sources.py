@@ -123,10 +123,6 @@ def _iter_raw(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
     if source.hf:
         yield from _iter_hf(source, key)
         return
-    if not source.uri:
-        raise BadInput(f"{key}: give either 'uri' or 'hf'")
-    if source.data_files is not None or source.streaming:
-        raise BadInput(f"{key}: 'data_files' and 'streaming' apply to 'hf' sources only")
     if source.uri.startswith("hf://"):
         yield from _iter_hub_files(source, key, wants, fields)
         return

@@ -19,20 +19,24 @@ def precision_of(cfg: Config) -> str:
     return p if p != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
 
 
-def build_accelerator(cfg: Config, universal: bool = False):
+def build_accelerator(cfg: Config, universal: bool = False, tracking_dir=None):
     """`universal`: the DeepSpeed checkpoint to resume from is a universal one (written for
-    another number of processes, converted by checkpoint.to_universal)."""
+    another number of processes, converted by checkpoint.to_universal). `tracking_dir`:
+    where file-based trackers (TensorBoard) write (job.train.tracking starts them)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     t = cfg.train
     cuda = torch.cuda.is_available()
     precision = precision_of(cfg)
+    if not cuda:
+        # Also without train.deepspeed: accelerate imports the installed DeepSpeed when it
+        # unwraps a model, and DeepSpeed's auto-detection then warns "Setting accelerator
+        # to CPU" on every CPU-only run.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if t.deepspeed:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
-        if not cuda:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kwargs = {
         "mixed_precision": "bf16" if precision == "bf16" else "no",
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -43,6 +47,8 @@ def build_accelerator(cfg: Config, universal: bool = False):
     if not cuda and (env.world_size() > 1 or t.deepspeed):
         # gloo: else DeepSpeed on CPU thinks each process is alone
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if tracking_dir is not None:
+        kwargs["project_config"] = ProjectConfiguration(str(tracking_dir), str(tracking_dir))
     if t.deepspeed:
         ds = deepspeed_config(cfg, precision)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)

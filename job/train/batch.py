@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from job.train.masking import mask_tokens
+
 
 @dataclass
 class MaskedBatch:
@@ -50,3 +52,32 @@ class MaskedBatch:
 
     def to(self, device: torch.device) -> MaskedBatch:
         return MaskedBatch(*(t.to(device, non_blocking=True) for t in self.tensors()), n=self.n)
+
+
+@dataclass(frozen=True)
+class Masker:
+    """Everything besides (sample, stream) that decides a sample's masks. Training and
+    `mlmjob evaluate` build it from the same config and tokenizer, so an evaluation of any
+    model on a dataset masks exactly what training's evaluations masked."""
+
+    seed: int
+    special: np.ndarray  # ids never masked
+    mask_id: int
+    vocab_size: int
+    probability: float
+    pin: bool = False  # page-locked, for an async copy to a GPU
+
+    @classmethod
+    def of(cls, tok, seed: int, probability: float, pin: bool = False) -> Masker:
+        special = np.asarray(sorted(set(tok.all_special_ids)), dtype=np.int64)
+        return cls(seed, special, tok.mask_token_id, len(tok), probability, pin)
+
+    def batch(self, data, sample_ids: np.ndarray, stream: int) -> MaskedBatch:
+        """One micro-batch of `data` (a BlockData), masked and laid out on the host."""
+        inputs, labels = mask_tokens(
+            data.get(sample_ids), sample_ids, seed=self.seed, stream=stream,
+            special_ids=self.special, mask_id=self.mask_id, vocab_size=self.vocab_size,
+            probability=self.probability,
+        )  # fmt: skip
+        batch = MaskedBatch.build(inputs, labels)
+        return batch.pin() if self.pin else batch

@@ -11,6 +11,7 @@ for the previous one with a warning.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,18 @@ from pathlib import Path
 
 from job import storage
 from job.log import log
+
+
+class _TiedWeightsNote(logging.Filter):
+    """accelerate's "Removed shared tensor ... while saving" at every checkpoint: the MLM
+    decoder shares the embedding matrix, safetensors stores it once, and loading re-ties
+    it (the resume tests compare every weight). Expected, so not repeated in the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 COMMIT = "COMMITTED.json"
 STATE = "train_state.json"

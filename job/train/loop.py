@@ -9,25 +9,24 @@ committed checkpoint left it, on the same or another number of processes.
 from __future__ import annotations
 
 import hashlib
-import math
+import json
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
-from job import env, storage
+from job import storage
 from job.config import Config, dump_yaml
-from job.data import shards
-from job.data.blocks import load_tokenizer, tokenizer_sha256
+from job.data.blocks import load_tokenizer
 from job.data.loader import BlockData, batch_ids, epoch_order
-from job.data.shards import read_manifest
 from job.errors import EXIT_OK, EXIT_PREEMPTED, BadInput
 from job.log import bar, log
 from job.train import checkpoint
 from job.train.accel import Preemption, build_accelerator, load_universal
-from job.train.batch import MaskedBatch
-from job.train.masking import EVAL_STREAM, mask_tokens
+from job.train.batch import MaskedBatch, Masker
+from job.train.evaluate import dataset_manifest, masked_lm_loss
+from job.train.masking import EVAL_STREAM
 from job.train.metrics import Metrics, write_summary
 from job.train.model import SparseMLM, compile_layers, load_model
 from job.train.optim import build_optimizer, count_parameters
@@ -35,6 +34,7 @@ from job.train.prefetch import Prefetcher
 from job.train.schedule import Schedule
 from job.train.state import TrainState
 from job.train.summary import device_name, mfu
+from job.train.tracking import Tracking, tensorboard_dir
 
 
 def should_log(step: int, every: int, last: bool) -> bool:
@@ -73,7 +73,9 @@ class Trainer:
         self.block = self.manifest.block_size
         run_key = hashlib.sha256(cfg.run.output.encode()).hexdigest()[:16]
         self.staging = cfg.cache_dir / "staging" / run_key
-        self.accelerator, self.precision = build_accelerator(cfg)
+        self.tb_dir = tensorboard_dir(cfg.run.output, self.staging)
+        tracking_dir = self.tb_dir if t.report_to else None
+        self.accelerator, self.precision = build_accelerator(cfg, tracking_dir=tracking_dir)
         acc = self.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
         self.global_batch = t.per_device_batch_size * self.world * t.gradient_accumulation_steps
@@ -85,22 +87,15 @@ class Trainer:
         self._load_data()
         self.schedule = Schedule.build(t, len(self.train_data), self.state.base_batch)
         self._build_model()
-        self.special = np.asarray(sorted(set(self.tok.all_special_ids)), dtype=np.int64)
+        self.masker = Masker.of(self.tok, cfg.run.seed, t.mlm_probability,
+                                pin=self.accelerator.device.type == "cuda")  # fmt: skip
         self.orders: dict[int, np.ndarray] = {}
         self.orders_lock = threading.Lock()
 
     # ---- set-up ----------------------------------------------------------------------
 
     def _manifest(self):
-        data_uri = self.cfg.data.dataset or shards.dataset_uri(self.cfg, self.tok)
-        storage.wait_for(storage.join(data_uri, "manifest.json"), env.wait_seconds(), "the dataset")
-        manifest = read_manifest(data_uri)
-        if manifest.data["tokenizer_sha256"] != tokenizer_sha256(self.tok):
-            raise BadInput(
-                f"model.tokenizer: '{self.cfg.tokenizer}' differs from the dataset's tokenizer "
-                f"'{manifest.data['tokenizer']}' ({manifest.uri})"
-            )
-        return manifest
+        return dataset_manifest(self.cfg, self.tok)
 
     def _rescale(self) -> None:
         """A checkpoint written by another number of processes: the schedule is in samples,
@@ -173,13 +168,7 @@ class Trainer:
 
     def _masked(self, sample_ids: np.ndarray, stream: int, data) -> MaskedBatch:
         """One micro-batch, masked and laid out on the host (pinned for an async copy)."""
-        inputs, labels = mask_tokens(
-            data.get(sample_ids), sample_ids, seed=self.cfg.run.seed, stream=stream,
-            special_ids=self.special, mask_id=self.tok.mask_token_id, vocab_size=len(self.tok),
-            probability=self.cfg.train.mlm_probability,
-        )  # fmt: skip
-        batch = MaskedBatch.build(inputs, labels)
-        return batch.pin() if self.accelerator.device.type == "cuda" else batch
+        return self.masker.batch(data, sample_ids, stream)
 
     def _order(self, epoch: int) -> np.ndarray:
         with self.orders_lock:  # the loop and the prefetch thread both ask
@@ -217,33 +206,17 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Token-weighted masked-LM loss over the whole eval split and every rank."""
-        import torch
-
-        bs = self.cfg.train.eval_batch_size or self.cfg.train.per_device_batch_size
-        mine = np.arange(self.rank, len(self.eval_data), self.world)
-        # Every rank runs the same number of forwards (ZeRO-3 gathers weights in lockstep).
-        n_batches = math.ceil(math.ceil(len(self.eval_data) / self.world) / bs)
-        dev = self.accelerator.device
-        loss_sum, count = torch.zeros((), dtype=torch.float64, device=dev), 0
-        self.wrapper.eval()
-        with torch.inference_mode():
-            for i in range(n_batches):
-                ids = mine[i * bs : (i + 1) * bs]
-                real = len(ids) > 0
-                batch = self._masked(ids if real else np.array([0]), EVAL_STREAM, self.eval_data)
-                s = self.wrapper(*batch.to(dev).tensors())
-                if real:  # sums stay on the device: one synchronisation, at the end
-                    loss_sum += s.double()
-                    count += batch.n
-        self.wrapper.train()
-        loss_sum, count = self._sum_across_ranks(loss_sum.item(), count)
-        eval_loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss),
-                "eval_tokens": int(count)}  # fmt: skip
+        t = self.cfg.train
+        return masked_lm_loss(
+            self.accelerator, self.wrapper, len(self.eval_data),
+            lambda ids: self._masked(ids, EVAL_STREAM, self.eval_data),
+            t.eval_batch_size or t.per_device_batch_size,
+        )  # fmt: skip
 
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        self.initial_eval()
         self._begin()
         while not self.finished():
             if self.iteration():
@@ -254,6 +227,17 @@ class Trainer:
             self.run_eval()
         self._finish()
         return EXIT_OK
+
+    def initial_eval(self) -> None:
+        """The perplexity before the first step (kept in the TrainState, so a resumed run
+        still reports it). Eval mode draws no dropout and the masks are hashes, so the
+        training that follows is the same as without it."""
+        st = self.state
+        if self.eval_data is None or st.step > 0 or st.initial_eval is not None:
+            return
+        st.initial_eval = self.evaluate()
+        log.info("before training: eval loss %.4f, perplexity %.3f",
+                 st.initial_eval["eval_loss"], st.initial_eval["perplexity"])  # fmt: skip
 
     def iteration(self) -> bool:
         """A step and what follows it; True when the ranks agree to stop for a SIGTERM."""
@@ -283,6 +267,9 @@ class Trainer:
         resume_step = st.step if self.restored else None
         self.metrics = Metrics(out, resume_step) if acc.is_main_process else None
         self.preemption = Preemption()
+        self.tracking = Tracking(acc, out, self.tb_dir)
+        if cfg.train.report_to:
+            st.tracker_runs = self.tracking.start(cfg, cfg.train.report_to, st.tracker_runs)
         self.saved_at = resume_step
         if not self.finished():
             self.maybe_next_epoch()  # resumed with a larger batch than the epoch has left
@@ -346,6 +333,8 @@ class Trainer:
             self.metrics.log({"event": "train", "step": st.step, "epoch": st.epoch,
                               "samples": st.sample, "samples_seen": st.samples_seen,
                               "loss": loss, "lr": self.lr, "tokens_per_s": rate})  # fmt: skip
+            self.tracking.log({"train_loss": loss, "lr": self.lr, "tokens_per_s": rate,
+                               "epoch": st.epoch}, st.step)  # fmt: skip
             if not storage.is_s3(self.cfg.run.output):
                 self.metrics.flush()
 
@@ -372,6 +361,9 @@ class Trainer:
         st.last_eval = {**result, "step": st.step}
         if self.metrics:
             self.metrics.log({"event": "eval", "step": st.step, "epoch": st.epoch, **result})
+            self.tracking.log({"eval_loss": result["eval_loss"], "eval_perplexity":
+                               result["perplexity"], "eval_tokens": result["eval_tokens"]},
+                              st.step)  # fmt: skip
             self.metrics.flush()
             self.metrics.plot()
         log.info("step %d: eval loss %.4f, perplexity %.3f", st.step, result["eval_loss"],
@@ -390,6 +382,7 @@ class Trainer:
         st.wall_seconds = self.wall_before + time.perf_counter() - self.start
         if self.metrics:
             self.metrics.flush()
+            self.tracking.sync()
         checkpoint.save(self.accelerator, self.cfg.run.output, st.step, st.state_dict(),
                         self.staging, t.keep_checkpoints)  # fmt: skip
 
@@ -398,6 +391,7 @@ class Trainer:
         self.prefetch.close()
         log.warning("preempted at step %d: checkpoint committed, exiting %d", self.state.step,
                     EXIT_PREEMPTED)  # fmt: skip
+        self.tracking.finish()
         self.accelerator.end_training()
         return EXIT_PREEMPTED
 
@@ -413,11 +407,28 @@ class Trainer:
             self.metrics.flush()
             self.metrics.plot()
             write_summary(self.cfg.run.output, summary)
+            self._track_summary(summary)
+            if self.cfg.train.push_to_hub:
+                from job.push import push
+
+                push(self.cfg)  # a failure is logged; the run is complete either way
             log.info("done: perplexity %s after %d steps, %.0f tokens/s -> %s",
                      summary["perplexity"], st.step, summary["tokens_per_second"],
                      self.cfg.run.output)  # fmt: skip
         acc.wait_for_everyone()
+        self.tracking.finish()
         acc.end_training()
+
+    def _track_summary(self, summary: dict) -> None:
+        """The final figures as metrics at the last step, and the run's files."""
+        figures = {f"summary/{k}": v for k, v in summary.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+        self.tracking.log(figures, self.state.step)
+        out = self.cfg.run.output
+        files = {"summary.json": (json.dumps(summary, indent=2) + "\n").encode()}
+        if storage.exists(storage.join(out, "loss.png")):
+            files["loss.png"] = storage.read_bytes(storage.join(out, "loss.png"))
+        self.tracking.artifacts(files)
 
     def _save_model(self, state_dict: dict) -> None:
         out = self.cfg.run.output
@@ -440,6 +451,8 @@ class Trainer:
             "run_name": cfg.run.name,
             "perplexity": ev.get("perplexity"),
             "eval_loss": ev.get("eval_loss"),
+            "initial_perplexity": (st.initial_eval or {}).get("perplexity"),
+            "initial_eval_loss": (st.initial_eval or {}).get("eval_loss"),
             "train_tokens": st.tokens,
             "train_samples": st.samples_seen,
             "train_seconds": round(st.train_seconds, 3),

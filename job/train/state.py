@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -24,6 +24,10 @@ class TrainState:
     window_loss: float = 0.0
     window_tokens: float = 0.0
     last_eval: dict | None = None
+    # Before the first step: every run states its own before/after (summary.json).
+    initial_eval: dict | None = None
+    # tracker name -> its run id: a resumed job continues the same MLflow / W&B run
+    tracker_runs: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
