@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REQUIRE_DATA, ROOT, free_port
+from conftest import DATA, REQUIRE_DATA, ROOT, free_port
 from kubelet import BIN, Cluster, render, stages, start
 
 from job.config import load_config
 
 OVERLAYS = {"askscience-5k": "eli5-askscience", "full-eli5": "eli5-full"}
-SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+SCHEMAS = DATA.parent / "k8s-schemas"  # beside the data layer: ../shared/k8s-schemas
 SCHEMA_FILES = {
     "JobSet": "jobset-v0.12.0-jobsets.yaml",
     "LocalQueue": "kueue-v0.19.2-localqueues.yaml",
@@ -89,7 +89,8 @@ def test_overlay_and_setup_validate_in_strict_mode(name, tmp_path):
 def crd_schema(kind: str, api_version: str) -> dict:
     if not SCHEMAS.is_dir():
         reason = (
-            f"CRD schemas: {SCHEMAS} not found (see DEVELOPERS.md: ../shared beside the project)"
+            f"data layer: {SCHEMAS} not found; put the shared folder beside the project "
+            "(see ../shared/k8s-schemas/README.md)"
         )
         if REQUIRE_DATA:
             pytest.fail(f"MLMJOB_REQUIRE_DATA is set but {reason}", pytrace=False)
