@@ -29,9 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -489,15 +487,9 @@ def _write_part(run: Run, src: Input, k: int, stream) -> None:
         log.info("%s changed since %s was written: redoing it", src.uri, part.name)
         storage.delete(storage.join(run.out, f"{part.name}.done"))  # uncommit, then rewrite
     staging = run.cfg.cache_dir / "infer-staging"  # node-local, as checkpoints are staged
-    staging.mkdir(parents=True, exist_ok=True)
-    kind = {"mode": "w", "encoding": "utf-8", "prefix": f".{part.name}-", "suffix": ".jsonl"}
-    f = tempfile.NamedTemporaryFile(dir=staging, delete=False, **kind)  # noqa: SIM115
-    try:  # closed by the with, removed by the finally: also when the input breaks mid-part
-        with f:
-            count, errors = _stage_part(run, fill, part, stream, f)
-        storage.upload_file(f.name, storage.join(run.out, f"{part.name}.jsonl"))
-    finally:
-        os.unlink(f.name)
+    out = storage.join(run.out, f"{part.name}.jsonl")
+    with storage.staged(out, staging, ".jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        count, errors = _stage_part(run, fill, part, stream, f)
     marker = {**part.key(), "lines": count, "errors": errors, "last": not stream.peek(1)}
     storage.write_text(storage.join(run.out, f"{part.name}.done"), json.dumps(marker) + "\n")
     run.stats.update(parts=run.stats["parts"] + 1, lines=run.stats["lines"] + count,

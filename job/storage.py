@@ -13,6 +13,7 @@ that fails too the error is a TransientStorageError (exit 1), never a StorageErr
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob as globlib
 import hashlib
 import io
@@ -226,6 +227,7 @@ _READ_RETRIES = 5  # reopenings of one S3 body without progress before giving up
 _READ_PIECE = 256 << 10
 
 
+@functools.cache  # asked at every piece read
 def _broken_connection_errors() -> tuple[type[BaseException], ...]:
     """What a body read raises when the connection breaks or stalls mid-way."""
     import urllib3.exceptions
@@ -458,6 +460,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def staged(uri: str, folder: Path, suffix: str = "") -> Iterator[Path]:
+    """A local file to write `uri`'s content into, published to `uri` only if the block
+    succeeds: renamed into place beside a local target, uploaded (multipart when large) to
+    S3 from `folder` (node-local staging). Never visible half written."""
+    if not is_s3(uri):
+        with atomic_path(local_path(uri)) as tmp:
+            yield tmp
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{uuid.uuid4().hex}{suffix}"
+    try:
+        yield tmp
+        upload_file(tmp, uri)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -466,11 +486,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_MULTIPART = 256 << 20  # bytes above which an upload goes in parts (one PUT: 5 GB at most)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic: readers see the old object or the whole new one, never a part."""
     if is_s3(uri):
         loc = split_s3(uri)
-        _s3_call(uri, lambda c: c.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
+        if len(data) > _MULTIPART:  # completed multipart uploads appear whole, too
+            _s3_call(uri, lambda c: c.upload_fileobj(io.BytesIO(data), loc.bucket, loc.key))
+        else:
+            _s3_call(uri, lambda c: c.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
         return
     with atomic_path(local_path(uri)) as tmp, open(tmp, "wb") as f:
         f.write(data)

@@ -65,12 +65,25 @@ def data_missing() -> str | None:
             "(see ../shared/data/README.md)")  # fmt: skip
 
 
+def _skip_or_fail(reason: str) -> None:
+    if REQUIRE_DATA:
+        pytest.fail(f"MLMJOB_REQUIRE_DATA is set but {reason}", pytrace=False)
+    pytest.skip(reason)  # one place, so that -rs folds every such skip into one line
+
+
 def _need_data() -> None:
     reason = data_missing()
-    if reason and REQUIRE_DATA:
-        pytest.fail(f"MLMJOB_REQUIRE_DATA is set but {reason}", pytrace=False)
     if reason:
-        pytest.skip(reason)  # one place, so that -rs folds every such skip into one line
+        _skip_or_fail(reason)
+
+
+def need_shared(path: Path) -> Path:
+    """A path of the shared folder beside the data (../shared/k8s-schemas): the data layer
+    too, so skipped, or failed under MLMJOB_REQUIRE_DATA, when it is absent."""
+    if not path.exists():
+        _skip_or_fail(f"data layer: {path} not found; put the shared folder beside the project "
+                      f"(see {path}/README.md)")  # fmt: skip
+    return path
 
 
 def pytest_collection_modifyitems(config, items):
@@ -355,14 +368,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
 
-@pytest.fixture
-def s3_proxy(s3):
-    """An S3Proxy in front of the session's S3 server (see S3Proxy for the API)."""
+def serve(proxy: S3Proxy):
+    """A fixture's body: yield the proxy, then close it and point storage back at the
+    server (a test may have pointed it at the proxy)."""
     from job import storage
 
-    proxy = S3Proxy(s3.endpoint)
     try:
         yield proxy
     finally:
         proxy.close()
-        storage.configure()  # a test may have pointed storage at the proxy
+        storage.configure()
+
+
+@pytest.fixture
+def s3_proxy(s3):
+    """An S3Proxy in front of the session's S3 server (see S3Proxy for the API)."""
+    yield from serve(S3Proxy(s3.endpoint))

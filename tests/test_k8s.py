@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DATA, REQUIRE_DATA, ROOT, free_port
+from conftest import DATA, ROOT, free_port, need_shared
 from kubelet import BIN, Cluster, render, stages, start
 
 from job.config import load_config
@@ -87,14 +87,7 @@ def test_overlay_and_setup_validate_in_strict_mode(name, tmp_path):
 
 
 def crd_schema(kind: str, api_version: str) -> dict:
-    if not SCHEMAS.is_dir():
-        reason = (
-            f"data layer: {SCHEMAS} not found; put the shared folder beside the project "
-            "(see ../shared/k8s-schemas/README.md)"
-        )
-        if REQUIRE_DATA:
-            pytest.fail(f"MLMJOB_REQUIRE_DATA is set but {reason}", pytrace=False)
-        pytest.skip(reason)
+    need_shared(SCHEMAS)
     crd = yaml.safe_load((SCHEMAS / SCHEMA_FILES[kind]).read_text())
     version = api_version.split("/")[1]
     (v,) = [v for v in crd["spec"]["versions"] if v["name"] == version]

@@ -15,7 +15,7 @@ from pathlib import Path
 import ijson
 import numpy as np
 import pytest
-from conftest import DEMO_TOKENIZER, S3Proxy, _ProxyHandler, mlmjob, write_config
+from conftest import DEMO_TOKENIZER, S3Proxy, _ProxyHandler, mlmjob, serve, write_config
 
 from job import storage
 from job.data.sources import SKIPPED, _iter_json_array, iter_records
@@ -383,12 +383,7 @@ class CuttingProxy(S3Proxy):
 
 @pytest.fixture
 def cutting_proxy(s3):
-    proxy = CuttingProxy(s3.endpoint)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-        storage.configure()
+    yield from serve(CuttingProxy(s3.endpoint))
 
 
 def test_open_read_resumes_a_cut_body_and_gives_up_after_retries(s3_prefix, cutting_proxy,

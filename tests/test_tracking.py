@@ -5,7 +5,6 @@ back with tensorboard's EventAccumulator, compared with metrics.jsonl."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import test_train
 from conftest import free_port
-from test_train import config, events, launch, start, wait_for
+from test_train import config, events, launch, preempt
 
 from job.config import load_config
 from job.train.tracking import flat_params
@@ -63,11 +62,7 @@ def test_preempted_and_resumed_run_is_one_mlflow_run(
     sets = ("train.report_to=[mlflow, tensorboard]", "run.name=tracked-preempted")
     cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
-    proc = start(cfg, *sets, nproc=2)
-    wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-3000:]
+    preempt(cfg, run, *sets, nproc=2)
     state = json.loads(next((run / "checkpoints").glob("*/train_state.json")).read_text())
     run_id = state["tracker_runs"]["mlflow"]
     again = launch(cfg, *sets, nproc=2)

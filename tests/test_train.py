@@ -106,6 +106,17 @@ def kill_all(proc):
     proc.wait()
 
 
+def preempt(cfg, run: Path, *sets, nproc=1, after=5) -> str:
+    """Start a run, SIGTERM it (what the kubelet sends the pod's PID 1) once it has logged
+    `after` train events, and check it stops with a committed checkpoint: its stderr."""
+    proc = start(cfg, *sets, nproc=nproc)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= after)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    return err
+
+
 def wait_for(predicate, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -204,11 +215,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(
 ):
     cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
-    proc = start(cfg)
-    wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 8)
-    proc.send_signal(signal.SIGTERM)  # what the kubelet sends the pod's PID 1
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-3000:]
+    err = preempt(cfg, run, after=8)
     assert "preempted at step" in err
     step, _ = checkpoint.latest(str(run))
     assert 8 <= step < 24
@@ -446,11 +453,7 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
         sets.append(f"train.deepspeed={deepspeed}")
     cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
-    proc = start(cfg, *sets, nproc=2)
-    wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-3000:]
+    preempt(cfg, run, *sets, nproc=2)
     stopped = checkpoint.latest(str(run))[0]
     again = launch(cfg, *sets, nproc=1)
     assert again.returncode == 0, again.stderr[-3000:]

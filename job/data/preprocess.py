@@ -26,8 +26,6 @@ import math
 import mmap
 import os
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +89,6 @@ def _mine(records, worker: int, num_workers: int):
             yield rec
 
 
-def _owner(j: int, num_workers: int) -> int:
-    return (j // CHUNK) % num_workers
-
-
 # ---- 1. a worker's part ----------------------------------------------------------------
 
 
@@ -126,24 +120,6 @@ class NpyAppender:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-
-
-@contextmanager
-def _staged(uri: str, cfg: Config):
-    """A local path to write `uri`'s content to; published to `uri` when the block succeeds
-    (a rename beside a local target; upload_file, multipart for large files, on S3)."""
-    if storage.is_s3(uri):
-        folder = Path(cfg.cache_dir) / "preprocess-staging"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{uuid.uuid4().hex}.npy"
-        try:
-            yield tmp
-            storage.upload_file(tmp, uri)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        with storage.atomic_path(storage.local_path(uri)) as tmp:
-            yield tmp
 
 
 @dataclass
@@ -201,13 +177,14 @@ def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: st
     start = time.perf_counter()
     dtype = blocks_mod.id_dtype(len(tok))
     chunk = CHUNK  # read once: the stream and the finalizer must agree on it
+    staging = Path(cfg.cache_dir) / "preprocess-staging"
 
     def keep(j: int) -> bool:
         return (j // chunk) % num_workers == worker
 
     with (
-        _staged(_part_file(part_uri, "ids"), cfg) as ids_path,
-        _staged(_part_file(part_uri, "lengths"), cfg) as lengths_path,
+        storage.staged(_part_file(part_uri, "ids"), staging, ".npy") as ids_path,
+        storage.staged(_part_file(part_uri, "lengths"), staging, ".npy") as lengths_path,
         bar(desc=f"tokenize (worker {worker}/{num_workers})", unit=" rec") as progress,
     ):
         part = PartWriter(tok, NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64),

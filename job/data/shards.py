@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,31 +53,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_split(root: str, split: str, blocks: np.ndarray, shard_blocks: int, progress=None):
-    """Write one split's blocks as shards; return the manifest's shard entries."""
-    shards = []
-    for k, start in enumerate(range(0, len(blocks), shard_blocks)):
-        part = blocks[start : start + shard_blocks]
-        data = npy_bytes(part)
-        rel = f"{split}/shard-{k:05d}.npy"
-        storage.write_bytes(storage.join(root, rel), data)
-        shards.append(
-            {"path": rel, "blocks": len(part), "sha256": hashlib.sha256(data).hexdigest()}
-        )
-        if progress is not None:
-            progress.update(len(part))
-    return shards
-
-
-_SINGLE_PUT = 1 << 30  # larger shards go to S3 through a multipart upload
-
-
 class SplitWriter:
-    """write_split, streaming: token ids are added in the split's order and cut into
-    blocks; each shard is written as soon as it holds `shard_blocks` blocks, the last one
-    with what is left, and a remainder shorter than a block is dropped. The shards (bytes,
-    names, entries) are those write_split writes for the packed split; memory is one shard.
-    """
+    """One split's shards, streaming: token ids are added in the split's order and cut
+    into blocks; each shard is written as soon as it holds `shard_blocks` blocks, the last
+    one with what is left, and a remainder shorter than a block is dropped. Memory is one
+    shard."""
 
     def __init__(self, root: str, split: str, block_size: int, shard_blocks: int,
                  dtype: np.dtype, progress=None):  # fmt: skip
@@ -111,13 +90,7 @@ class SplitWriter:
         data = npy_bytes(part)
         rel = f"{self.split}/shard-{len(self.entries):05d}.npy"
         uri = storage.join(self.root, rel)
-        if storage.is_s3(uri) and len(data) > _SINGLE_PUT:  # one PUT takes at most 5 GB
-            with tempfile.NamedTemporaryFile(suffix=".npy") as f:
-                f.write(data)
-                f.flush()
-                storage.upload_file(f.name, uri)
-        else:
-            storage.write_bytes(uri, data)
+        storage.write_bytes(uri, data)
         self.entries.append(
             {"path": rel, "blocks": blocks, "sha256": hashlib.sha256(data).hexdigest()}
         )
