@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from job import env, storage
+from job import env, orphan, redact, storage
 from job.config import dump_yaml, load_config
 from job.errors import EXIT_BAD_INPUT, EXIT_RETRY, BadInput, StorageError, TransientStorageError
 from job.log import setup_logging
@@ -46,8 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything can print: every line this process writes (logs of mlmjob and of the
+    # libraries, warnings, tracebacks, progress bars, error lines) passes through
+    # job.redact, so no URL's password or signature reaches a pod's log.
+    redact.install()
     args = _parser().parse_args(argv)
     setup_logging()
+    orphan.exit_with_parent()
     try:
         code = _run(args)
     except (BadInput, StorageError) as e:

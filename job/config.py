@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from job.errors import BadInput
+from job.redact import redact
 
 
 def _no_bool(value: Any) -> Any:
@@ -118,6 +119,24 @@ class RunConfig(_Section):
     )
     seed: Int = Field(42, ge=0, description="split, sample order, masks, initial weights")
     name: str = Field("mlmjob", description="shown in logs and `summary.json` (`run_name`)")
+    lease_wait_seconds: Float = Field(
+        900.0,
+        ge=0,
+        description="how long a second writer of an output waits for its holder to let go "
+        "(a terminating pod's grace period), then exits 2 naming the holder",
+    )
+    lease_ttl_seconds: Float = Field(
+        60.0,
+        gt=0,
+        description="a lease not renewed for this long is taken over (its holder was killed); "
+        "renewed every quarter of it",
+    )
+    allow_changed: list[str] = Field(
+        default_factory=list,
+        description="keys a resubmitted run may change against its `{run.output}/config.yaml` "
+        "although they change what the run is (e.g. `[train.learning_rate]`; a section such as "
+        "`model` covers its keys); other such changes exit 2 (see Resuming with a changed config)",
+    )
 
 
 class StorageConfig(_Section):
@@ -350,12 +369,26 @@ def _key_path(loc: tuple) -> str:
     return out or "<top>"
 
 
-def to_dict(cfg: Config) -> dict:
-    return cfg.model_dump()
+def to_dict(cfg: Config, redacted: bool = True) -> dict:
+    """The config as plain data. `redacted` (the default: what is written out, to
+    config.yaml, tracker params, the model card, `mlmjob validate`) masks the userinfo and
+    secret query parameters of every URL in it (job.redact): `http://***@host`."""
+    data = cfg.model_dump()
+    return _redacted(data) if redacted else data
 
 
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def dump_yaml(cfg: Config, redacted: bool = True) -> str:
+    return yaml.safe_dump(to_dict(cfg, redacted), sort_keys=False)
 
 
 def reference_table() -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job import env, storage
+from job import env, lease, storage
 from job.config import Config
 from job.data.sources import open_stream
 from job.errors import BadInput
@@ -340,6 +340,7 @@ class Run:
     worker: Worker
     progress: object  # a tqdm bar
     stats: dict
+    owner: str
     fill: FillMask | None = None
     process_start: float = field(default_factory=time.perf_counter)
 
@@ -357,13 +358,22 @@ class Run:
 
 
 def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
+    """This worker's parts, under its lease on the output: workers of one job write
+    disjoint parts side by side, but no two processes ever act as the same worker."""
+    worker = Worker(*_workers(worker_index, num_workers), cfg.infer.lines_per_part)
+    run = cfg.run
+    what, name = f"infer.output, worker {worker.me}", f"_lease-worker-{worker.me}.json"
+    with lease.hold(cfg.infer.output, run.lease_wait_seconds, run.lease_ttl_seconds, what, name):
+        return _infer(cfg, worker)
+
+
+def _infer(cfg: Config, worker: Worker) -> dict:
     start = time.perf_counter()
     files = input_files(cfg)
-    worker = Worker(*_workers(worker_index, num_workers), cfg.infer.lines_per_part)
-    out, me = cfg.infer.output, worker.me
+    out, me, job = cfg.infer.output, worker.me, owner(cfg)
     names = storage.list_names(out)
     if me == 0:  # one worker tidies up, so that no two delete the same files
-        names = _remove_gone_parts(out, names, files, worker)
+        names = _remove_gone_parts(out, names, files, worker, job)
     found = _found_parts(names, worker)
     inputs = [_plan_input(out, found.get(part_name(uri), {}), uri, i, worker)
               for i, uri in enumerate(files)]  # fmt: skip
@@ -372,7 +382,7 @@ def infer(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> dict:
         log.info("worker %d: %d part(s) already committed, skipping them", me, skipped)
     stats = {"parts": 0, "skipped_parts": skipped, "lines": 0, "errors": 0}
     progress = bar(desc=f"infer (worker {me}/{worker.count})", unit=" lines", total=0)
-    run = Run(cfg, worker, progress, stats)
+    run = Run(cfg, worker, progress, stats, job)
     for src in inputs:
         _run_input(run, src)
     progress.close()
@@ -485,13 +495,19 @@ def _write_part(run: Run, src: Input, k: int, stream) -> None:
     fill = run.model()
     if any(name.endswith(".done") for name in src.stale.get(k, [])):
         log.info("%s changed since %s was written: redoing it", src.uri, part.name)
-        storage.delete(storage.join(run.out, f"{part.name}.done"))  # uncommit, then rewrite
+        storage.uncommit(storage.join(run.out, f"{part.name}.done"))  # then rewrite
     staging = run.cfg.cache_dir / "infer-staging"  # node-local, as checkpoints are staged
     out = storage.join(run.out, f"{part.name}.jsonl")
     with storage.staged(out, staging, ".jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         count, errors = _stage_part(run, fill, part, stream, f)
-    marker = {**part.key(), "lines": count, "errors": errors, "last": not stream.peek(1)}
-    storage.write_text(storage.join(run.out, f"{part.name}.done"), json.dumps(marker) + "\n")
+    marker = {
+        **part.key(),
+        "lines": count,
+        "errors": errors,
+        "last": not stream.peek(1),
+        "owner": run.owner,
+    }
+    storage.commit(storage.join(run.out, f"{part.name}.done"), json.dumps(marker) + "\n")
     run.stats.update(parts=run.stats["parts"] + 1, lines=run.stats["lines"] + count,
                      errors=run.stats["errors"] + errors)  # fmt: skip
 
@@ -515,8 +531,10 @@ def _stage_part(run: Run, fill: FillMask, part: Part, stream, f) -> tuple[int, i
 def _drop_parts(run: Run, src: Input, first: int) -> None:
     """Delete this worker's files of parts `first` and later: the file is shorter now."""
     for k in sorted(k for k in src.stale if k >= first):
-        for name in sorted(src.stale.pop(k), key=lambda n: not n.endswith(".done")):
-            storage.delete(storage.join(run.out, name))  # uncommit first
+        names = src.stale.pop(k)
+        markers = [storage.join(run.out, n) for n in names if n.endswith(".done")]
+        lines = [storage.join(run.out, n) for n in names if not n.endswith(".done")]
+        storage.uncommit(*markers, *lines)
         log.info("%s has no part %d any more: removed its files", src.uri, k)
 
 
@@ -531,21 +549,34 @@ def _read_marker(uri: str) -> dict | None:
     return marker if isinstance(marker, dict) else {}
 
 
-def _remove_gone_parts(out: str, names: list[str], files: list[str], worker: Worker) -> list[str]:
-    """Delete the parts (lines and marker) of inputs no longer among the inputs, and any
-    other part-* file not of a current input and this cut (older layouts, another
-    `lines_per_part`). Returns the names left."""
+def owner(cfg: Config) -> str:
+    """Who a part belongs to: the inference job, named by its configured inputs (patterns,
+    so files coming and going under a glob stay the same job's). Recorded in each marker:
+    a run deletes only parts whose marker names it, never a user's file or the parts of
+    another job writing to the same output."""
+    return hashlib.sha256(json.dumps(list(cfg.infer.inputs)).encode()).hexdigest()[:16]
+
+
+def _remove_gone_parts(
+    out: str, names: list[str], files: list[str], worker: Worker, me: str
+) -> list[str]:
+    """Delete this job's parts (marker, then lines) of inputs no longer among its inputs or
+    of another cut (`lines_per_part`). Only parts whose marker records this job as their
+    owner go: anything else in the output is not ours to delete. Returns the names left."""
     current = {part_name(uri) for uri in files}
     keep = {name for stem, parts in _found_parts(names, worker).items() if stem in current
             for files_ in parts.values() for name in files_}  # fmt: skip
-    gone = {n for n in names if n.startswith("part-") and n.endswith((".jsonl", ".done"))
-            and n not in keep}  # fmt: skip
-    for name in sorted(gone, key=lambda n: not n.endswith(".done")):  # uncommit first
-        storage.delete(storage.join(out, name))
+    gone = []
+    for name in names:
+        m = _PART.fullmatch(name)
+        if m and m[4] == "done" and name not in keep:
+            marker = _read_marker(storage.join(out, name))
+            if marker and marker.get("owner") == me:
+                gone += [name, name.removesuffix(".done") + ".jsonl"]
+    lines = [storage.join(out, n) for n in gone if n.endswith(".jsonl") and n in names]
+    storage.uncommit(*(storage.join(out, n) for n in gone if n.endswith(".done")), *lines)
     if gone:
-        log.info(
-            "worker 0: removed %d file(s) of parts of inputs gone (or cut otherwise)", len(gone)
-        )
+        log.info("worker 0: removed %d part(s) of inputs gone (or cut otherwise)", len(gone) // 2)
     return [n for n in names if n not in gone]
 
 

@@ -28,6 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from job import redact
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRY
 
 COMMANDS = ("train", "infer", "evaluate")  # the ones that run on every process
@@ -92,6 +93,7 @@ def _signal_workers(pid: int, sig: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact.install()  # this process's lines; each worker (job.cli:main) redacts its own
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in COMMANDS:
         print(f"usage: python -m job.launch {{{'|'.join(COMMANDS)}}} -c CONFIG [--set ...]",

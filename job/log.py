@@ -8,6 +8,7 @@ import sys
 from tqdm import tqdm
 
 from job import env
+from job.redact import RedactingFormatter
 
 log = logging.getLogger("mlmjob")
 
@@ -15,7 +16,9 @@ log = logging.getLogger("mlmjob")
 def setup_logging() -> None:
     level = logging.INFO if env.rank() == 0 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s mlmjob %(levelname)s %(message)s"))
+    # Redacted here too, not only by the stream (job.redact.install): in-process callers
+    # that never installed it (tests, notebooks) get redacted lines as well.
+    handler.setFormatter(RedactingFormatter("%(asctime)s mlmjob %(levelname)s %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False

@@ -17,6 +17,7 @@ from job import storage
 from job.config import Config, dump_yaml
 from job.errors import EXIT_OK, EXIT_RETRY, BadInput
 from job.log import log
+from job.redact import redact
 
 FIGURES = ("perplexity", "initial_perplexity", "eval_loss", "train_tokens", "epochs",
            "global_step", "world_size", "tokens_per_second", "train_seconds", "gpu_hours",
@@ -49,7 +50,9 @@ def model_card(cfg: Config, summary: dict) -> str:
     data = ModelCardData(base_model=base, datasets=datasets or None, library_name="transformers",
                          pipeline_tag="fill-mask", tags=["masked-lm", "mlmjob"],
                          model_name=cfg.run.name, eval_results=[result])  # fmt: skip
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(cfg, summary)}"))
+    # The card is public with `private: false`: no URL in it keeps a password or signature
+    # (the config in it is redacted already; the names and figures around it too).
+    return redact(str(ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(cfg, summary)}")))
 
 
 def _body(cfg: Config, summary: dict) -> str:

@@ -18,6 +18,7 @@ import glob as globlib
 import hashlib
 import io
 import os
+import posixpath
 import re
 import shutil
 import time
@@ -447,6 +448,104 @@ def wait_for(uri: str, seconds: float, what: str) -> None:
 # ---- writing -------------------------------------------------------------------------
 
 
+# Fenced prefixes: an output held under a lease (job.lease) -> its check. Every write and
+# deletion under one calls the check first; a commit (a marker, a deletion) asks the store.
+_fences: dict[str, tuple[object, str]] = {}
+
+
+def _norm(uri: str) -> str:
+    uri = str(uri)
+    return uri if is_s3(uri) else os.path.abspath(local_path(uri))
+
+
+def fence(prefix: str, check, exempt: str) -> None:
+    """Call `check(commit)` before any write under `prefix` (but `exempt`, the lease file)."""
+    _fences[_norm(prefix).rstrip("/") + "/"] = (check, _norm(exempt))
+
+
+def unfence(prefix: str) -> None:
+    _fences.pop(_norm(prefix).rstrip("/") + "/", None)
+
+
+def fenced(uri: str, commit: bool = True) -> None:
+    """Raise LeaseLost if `uri` is under a leased output whose lease this process lost."""
+    target = _norm(uri)
+    for prefix, (check, exempt) in list(_fences.items()):
+        if (target + "/").startswith(prefix) and target != exempt:
+            check(commit)
+
+
+def commit(marker: str, content: str | bytes) -> None:
+    """Write the object that makes an output count (a checkpoint's or a part's marker, a
+    manifest, a summary), after everything it vouches for: the one commit point of every
+    output, fenced by the output's lease (a holder that lost it writes nothing)."""
+    fenced(marker, commit=True)
+    _write_bytes(marker, content.encode("utf-8") if isinstance(content, str) else content)
+
+
+def uncommit(*uris: str) -> None:
+    """Remove markers, then what they vouched for (markers first in `uris`): a marker is
+    never left without its files."""
+    for uri in uris:
+        delete(uri)
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """An object's bytes and a version to pass to write_if (its ETag on S3, its sha256
+    locally), or None when there is none."""
+    if is_s3(uri):
+        loc = split_s3(uri)
+        try:
+            resp = _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key))
+        except FileNotFoundError:
+            return None
+        return resp["Body"].read(), resp["ETag"]
+    try:
+        data = local_path(uri).read_bytes()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if(uri: str, data: bytes, version: str | None) -> str | None:
+    """Compare-and-swap: write `uri` only if it is still at `version` (None: only if it does
+    not exist). Returns the new version, or None when another writer changed it first.
+    On S3 a conditional PUT (`If-None-Match: *` / `If-Match`); locally the same under an
+    exclusive lock on a sidecar file, around read, compare and rename."""
+    if is_s3(uri):
+        return _s3_write_if(uri, data, version)
+    import fcntl
+
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_versioned(uri)
+        if (current[1] if current else None) != version:
+            return None
+        _write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _s3_write_if(uri: str, data: bytes, version: str | None) -> str | None:
+    from botocore.exceptions import ClientError
+
+    loc = split_s3(uri)
+    cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+    try:
+        resp = _s3_call(
+            uri, lambda c: c.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **cond)
+        )
+    except FileNotFoundError:  # If-Match on an object deleted meanwhile
+        return None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return None
+        raise
+    return resp["ETag"]
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path`, renamed to `path` if the block succeeds: readers see
@@ -468,6 +567,7 @@ def staged(uri: str, folder: Path, suffix: str = "") -> Iterator[Path]:
     if not is_s3(uri):
         with atomic_path(local_path(uri)) as tmp:
             yield tmp
+            fenced(uri, commit=False)
         return
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{uuid.uuid4().hex}{suffix}"
@@ -491,6 +591,11 @@ _MULTIPART = 256 << 20  # bytes above which an upload goes in parts (one PUT: 5 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic: readers see the old object or the whole new one, never a part."""
+    fenced(uri, commit=False)
+    _write_bytes(uri, data)
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         loc = split_s3(uri)
         if len(data) > _MULTIPART:  # completed multipart uploads appear whole, too
@@ -510,6 +615,7 @@ def write_text(uri: str, text: str) -> None:
 
 def upload_file(local: str | Path, uri: str) -> None:
     """Copy a local file to a URI atomically (multipart for large files on S3)."""
+    fenced(uri, commit=False)
     if is_s3(uri):
         loc = split_s3(uri)
         _s3_call(uri, lambda c: c.upload_file(str(local), loc.bucket, loc.key))
@@ -538,10 +644,15 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
 def download_dir(uri: str, local_dir: str | Path) -> None:
     prefix = uri.rstrip("/") + "/"
     for file_uri in list_files(uri):
-        download_file(file_uri, Path(local_dir) / file_uri[len(prefix) :])
+        download_file(file_uri, inside(local_dir, file_uri[len(prefix) :], file_uri))
 
 
 def delete(uri: str) -> None:
+    fenced(uri, commit=True)  # a deletion may take away what another commit vouched for
+    _delete(uri)
+
+
+def _delete(uri: str) -> None:
     if is_s3(uri):
         loc = split_s3(uri)
         _s3_call(uri, lambda c: c.delete_object(Bucket=loc.bucket, Key=loc.key))
@@ -551,11 +662,27 @@ def delete(uri: str) -> None:
 
 def delete_prefix(uri: str) -> None:
     """Remove a folder and everything under it."""
+    fenced(uri, commit=True)
     if is_s3(uri):
         for file_uri in list_files(uri):
-            delete(file_uri)
+            _delete(file_uri)
     else:
         shutil.rmtree(local_path(uri), ignore_errors=True)
+
+
+def contained(rel: str) -> bool:
+    """Does the relative path `rel` stay inside the folder it is joined onto?"""
+    norm = posixpath.normpath(rel)
+    return not posixpath.isabs(rel) and norm != ".." and not norm.startswith("../")
+
+
+def inside(base: str | Path, rel: str, what: str) -> Path:
+    """`base / rel`, refused when `rel` (an object key's tail, a manifest's path: data from
+    a bucket) would lead outside `base`: `..` segments or an absolute path. S3 accepts such
+    keys; joined onto a local folder they would write anywhere."""
+    if not contained(rel):
+        raise StorageError(f"{what}: '{rel}' leads outside {base}; refused")
+    return Path(base) / rel
 
 
 def to_local(uri: str, cache_dir: str | Path) -> str:
@@ -563,7 +690,7 @@ def to_local(uri: str, cache_dir: str | Path) -> str:
     if not is_s3(uri):
         return str(local_path(uri))
     loc = split_s3(uri)
-    dest = Path(cache_dir) / loc.bucket / loc.key.rstrip("/")
+    dest = inside(cache_dir, f"{loc.bucket}/{loc.key.rstrip('/')}", uri)
     if exists(uri):
         download_file(uri, dest)
     else:

@@ -57,7 +57,7 @@ def _fetch(manifest: Manifest, shard: dict, cache_dir: Path, verify: bool) -> st
         load_shard(path, checksum)
         return path
     dataset_id = manifest.data["dataset_id"]
-    local = Path(cache_dir) / "datasets" / dataset_id / shard["path"]
+    local = storage.inside(Path(cache_dir) / "datasets", f"{dataset_id}/{shard['path']}", uri)
     if local.exists():
         try:
             load_shard(str(local), checksum)

@@ -16,6 +16,12 @@ dataset one worker does, in memory that does not grow with the input:
    permutation `datasets.train_test_split` uses, and streams each split's ids in that order
    into shards, writing each shard as soon as it is full, then, last, the manifest. Two
    workers finalizing at once write identical bytes.
+
+The dataset id is keyed by the inputs' versions (sources.resolve_inputs: size and ETag or
+mtime_ns per file, a Hub source's commit), taken by each worker as it starts, and every
+file is checked against them as it is read: an edited input gives a new dataset (its parts
+included), never a reused stale part, and a file that changes under a worker is one line,
+exit 2. The manifest's `inputs` lists those versions.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from job import storage
 from job.config import Config
 from job.data import blocks as blocks_mod
 from job.data import shards
-from job.data.sources import iter_records
+from job.data.sources import iter_records, resolve_inputs
 from job.errors import BadInput
 from job.log import bar, log
 
@@ -55,7 +61,8 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
         raise BadInput(f"--worker-index {worker_index} must be in [0, {num_workers})")
     start = time.perf_counter()
     tok = blocks_mod.load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-    root = shards.dataset_uri(cfg, tok)
+    inputs = resolve_inputs(cfg.data)  # the versions the id names and the readers check
+    root = shards.dataset_uri(cfg, tok, inputs)
     if storage.exists(storage.join(root, shards.MANIFEST)):
         log.info("dataset is complete, nothing to do: %s", root)
         return root
@@ -63,13 +70,13 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
     if storage.exists(part):
         log.info("worker %d: part already written, skipping tokenization", worker_index)
     else:
-        _tokenize_part(cfg, tok, worker_index, num_workers, part)
+        _tokenize_part(cfg, tok, worker_index, num_workers, part, inputs)
     parts = [_part_uri(root, w, num_workers) for w in range(num_workers)]
     missing = [p for p in parts if not storage.exists(p)]
     if missing:
         log.info("worker %d done; %d part(s) still missing", worker_index, len(missing))
         return root
-    manifest = finalize(cfg, tok, root, parts)
+    manifest = finalize(cfg, tok, root, parts, inputs)
     _summary(manifest, time.perf_counter() - start, root)
     return root
 
@@ -173,7 +180,9 @@ class PartWriter:
         return buf.getvalue()
 
 
-def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: str) -> None:
+def _tokenize_part(
+    cfg: Config, tok, worker: int, num_workers: int, part_uri: str, inputs: list | None = None
+) -> None:
     start = time.perf_counter()
     dtype = blocks_mod.id_dtype(len(tok))
     chunk = CHUNK  # read once: the stream and the finalizer must agree on it
@@ -189,7 +198,8 @@ def _tokenize_part(cfg: Config, tok, worker: int, num_workers: int, part_uri: st
     ):
         part = PartWriter(tok, NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64),
                           progress)  # fmt: skip
-        for j, rec in _mine(enumerate(iter_records(cfg.data, keep=keep)), worker, num_workers):
+        stream = iter_records(cfg.data, keep=keep, inputs=inputs)
+        for j, rec in _mine(enumerate(stream), worker, num_workers):
             part.add(j, rec)
         part.flush()
         part.ids.close()
@@ -252,7 +262,7 @@ class Parts:
         if not legacy_order:
             bad.sort(key=lambda b: b[0])  # stream order, whatever the number of workers
         self.bad_samples = [b for _, b in bad][:MAX_LOGGED_BAD]
-        self._index(lengths)
+        self._index(lengths, parts)
 
     def _fetch(self, cfg: Config, root: str, uri: str) -> tuple[np.ndarray, int]:
         if storage.is_s3(uri):
@@ -267,7 +277,7 @@ class Parts:
             self._maps.append(mm)
         return array, len(array)
 
-    def _index(self, lengths: list[np.ndarray]) -> None:
+    def _index(self, lengths: list[np.ndarray], parts: list[str]) -> None:
         """Stream position j -> (part, offset in its ids, length; -1: malformed)."""
         num_workers = len(lengths)
         self.n = n = sum(len(x) for x in lengths)
@@ -281,10 +291,11 @@ class Parts:
         self.length = np.empty(n, np.int64)
         for w, lens in enumerate(lengths):
             mine = np.flatnonzero(part == w)
-            if len(mine) != len(lens):
-                raise RuntimeError(
-                    f"part {w} holds {len(lens)} records, the stream gives it {len(mine)}: "
-                    "parts of different inputs?"
+            if len(mine) != len(lens):  # the id names the inputs: a file edited in place
+                raise BadInput(  # keeping its size and mtime could still do it
+                    f"{parts[w]}: part {w} holds {len(lens)} records, the stream gives it "
+                    f"{len(mine)}: the parts were made from different inputs; delete "
+                    f"{parts[w].rsplit('/', 1)[0]} and rerun every worker"
                 )
             sizes = np.maximum(lens, 0)
             starts = np.cumsum(sizes) - sizes
@@ -335,15 +346,15 @@ def split_indices(n: int, test_size: float, seed: int) -> dict[str, np.ndarray]:
     return {"train": perm[n_test:], "test": perm[:n_test]}
 
 
-def finalize(cfg: Config, tok, root: str, parts: list[str]) -> dict:
+def finalize(cfg: Config, tok, root: str, parts: list[str], inputs: list | None = None) -> dict:
     records = Parts(cfg, root, parts)
     try:
-        return _finalize(cfg, tok, root, records)
+        return _finalize(cfg, tok, root, records, inputs)
     finally:
         records.close()
 
 
-def _finalize(cfg: Config, tok, root: str, records: Parts) -> dict:
+def _finalize(cfg: Config, tok, root: str, records: Parts, inputs: list | None = None) -> dict:
     d = cfg.data
     n, bad_count, bad_samples = records.n, records.bad_count, records.bad_samples
     if n == 0:
@@ -366,6 +377,8 @@ def _finalize(cfg: Config, tok, root: str, records: Parts) -> dict:
         "seed": cfg.run.seed,
         "test_size": d.test_size,
         "sources": [s.model_dump() for s in d.sources],
+        # the versions read, the id's key: [{"uri", "size", "etag"|"mtime_ns"} | {"uri", "commit"}]
+        "inputs": [v for vs in (resolve_inputs(d) if inputs is None else inputs) for v in vs],
         "malformed_records": bad_count,
         "malformed_examples": bad_samples,
         "splits": {},

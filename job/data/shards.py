@@ -18,18 +18,22 @@ import numpy as np
 from job import storage
 from job.config import Config
 from job.data.blocks import tokenizer_sha256
-from job.errors import BadInput
+from job.data.sources import resolve_inputs
+from job.errors import BadInput, StorageError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def dataset_id(cfg: Config, tokenizer_sha: str) -> str:
-    """Derived from everything that changes the dataset's bytes, nothing else."""
+def dataset_id(cfg: Config, tokenizer_sha: str, inputs: list[list[dict]] | None) -> str:
+    """Derived from everything that changes the dataset's bytes, nothing else: the config's
+    keys and the versions of the inputs (sources.resolve_inputs: each file's fingerprint, a
+    Hub source's commit), so an edited input gives a new dataset."""
     d = cfg.data
     key = {
         "format": FORMAT_VERSION,
         "sources": [s.model_dump() for s in d.sources],
+        "inputs": inputs,
         "max_records": d.max_records,
         "subreddits": d.subreddits,
         "text_fields": d.text_fields,
@@ -43,8 +47,29 @@ def dataset_id(cfg: Config, tokenizer_sha: str) -> str:
     return f"{d.name}-{digest[:12]}"
 
 
-def dataset_uri(cfg: Config, tok) -> str:
-    return storage.join(cfg.data.output, dataset_id(cfg, tokenizer_sha256(tok)))
+class DatasetUri(str):
+    """A dataset folder URI; `unresolved` says why its inputs could not be fingerprinted
+    (no dataset can be there: read_manifest gives that reason)."""
+
+    unresolved: str | None = None
+
+
+def dataset_uri(cfg: Config, tok, inputs: list[list[dict]] | None = None) -> str:
+    """The folder of the dataset these config and inputs give. `inputs` are
+    sources.resolve_inputs(cfg.data), taken now when not given (a HEAD per S3 file, a stat
+    per local one): `train` and `preflight` find the dataset preprocessing made from the
+    same versions. Inputs that cannot be resolved (a source gone) give a folder that holds
+    no dataset and says why, so that `preflight` names that problem once (its source check
+    does) and `train` names it when it finds no manifest."""
+    unresolved = None
+    if inputs is None:
+        try:
+            inputs = resolve_inputs(cfg.data)
+        except (BadInput, StorageError) as e:
+            unresolved = str(e)
+    uri = DatasetUri(storage.join(cfg.data.output, dataset_id(cfg, tokenizer_sha256(tok), inputs)))
+    uri.unresolved = unresolved
+    return uri
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -116,7 +141,8 @@ class Manifest:
 
 
 def write_manifest(root: str, manifest: dict) -> None:
-    storage.write_text(storage.join(root, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    """The dataset's commit point, written after every shard."""
+    storage.commit(storage.join(root, MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(root: str) -> Manifest:
@@ -124,9 +150,20 @@ def read_manifest(root: str) -> Manifest:
     try:
         data = json.loads(storage.read_text(uri))
     except FileNotFoundError:
+        reason = getattr(root, "unresolved", None)
+        if reason:  # the inputs the dataset is found by are not there
+            raise BadInput(f"{reason} (the dataset is found by its inputs' versions)") from None
         raise BadInput(f"{uri}: no dataset there; run `mlmjob preprocess` first") from None
     except json.JSONDecodeError as e:
         raise BadInput(f"{uri}:{e.lineno}: invalid JSON: {e.msg}") from None
+    for split, info in (data.get("splits") or {}).items():
+        for shard in info.get("shards", []):  # joined onto the dataset and the cache
+            if not storage.contained(str(shard.get("path"))):
+                path = shard.get("path")
+                raise BadInput(
+                    f"{uri}: splits.{split} shard path '{path}' leads outside the dataset "
+                    "folder; refused"
+                )
     return Manifest(root, data)
 
 

@@ -10,20 +10,29 @@ BadInput naming it (and where in it).
 Every file is streamed, never read whole: gzip is recognised by its magic bytes and
 decompressed as it is read, JSON lines are read line by line, a JSON array one element at
 a time, Parquet one row group (in batches) at a time. Memory does not grow with the input.
+
+What is read is fixed first (`resolve_inputs`): every file with its fingerprint (size and
+ETag on S3, size and mtime_ns locally), a Hub source with the commit its revision names.
+The dataset id is keyed by them; the readers read those files only, each checked before it
+is opened and after it is read (a file that changed is one BadInput line), and Hub sources
+at that commit, so a dataset holds exactly the versions its id and manifest name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import io
 import json
+import re
 import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import ijson
@@ -51,7 +60,11 @@ def _all(_ahead: int) -> bool:
     return True
 
 
-def iter_records(cfg: DataConfig, keep: Callable[[int], bool] | None = None) -> Iterator[Record]:
+def iter_records(
+    cfg: DataConfig,
+    keep: Callable[[int], bool] | None = None,
+    inputs: list[list[dict]] | None = None,
+) -> Iterator[Record]:
     """The record stream: subreddit filter applied, cut at `max_records`.
 
     `keep(j)`, when given, says whether the caller needs record j of the stream. Records it
@@ -59,29 +72,39 @@ def iter_records(cfg: DataConfig, keep: Callable[[int], bool] | None = None) -> 
     where they can (a JSON line is not parsed; a Parquet row group with no needed row is not
     read). With a subreddit filter every record must be decoded to know whether it counts,
     so `keep` saves nothing then, but the stream is the same.
+
+    `inputs` (resolve_inputs(cfg), resolved now when not given) are the versions to read: a
+    file that is not that version any more, before it is opened or once it is read, is a
+    BadInput naming it.
     """
-    if not cfg.sources:
-        raise BadInput("data.sources: no sources configured")
+    if inputs is None:
+        inputs = resolve_inputs(cfg)
     wanted = set(cfg.subreddits) if cfg.subreddits else None
     count = 0
+    reading: list[dict] = []  # the versions being read now: checked when the stream is cut
 
     def wants(ahead: int) -> bool:
         return keep(count + ahead)
 
+    def cut() -> None:
+        for version in reading:
+            check_unchanged(version)
+
     lazy = wants if keep is not None and wanted is None else _all
     fields = {f.split(".")[0] for f in cfg.text_fields} | ({"subreddit"} if wanted else set())
     for i, source in enumerate(cfg.sources):
-        for origin, raw in _iter_raw(source, f"data.sources[{i}]", lazy, fields):
+        raws = _iter_raw(source, f"data.sources[{i}]", lazy, fields, inputs[i], reading)
+        for origin, raw in raws:
             if raw is _SKIP:
                 if cfg.max_records is not None and count >= cfg.max_records:
-                    return
+                    return cut()
                 count += 1
                 yield SKIPPED
                 continue
             if wanted is not None and isinstance(raw, dict) and raw.get("subreddit") not in wanted:
                 continue
             if cfg.max_records is not None and count >= cfg.max_records:
-                return
+                return cut()
             count += 1
             yield to_record(origin, raw, cfg.text_fields)
 
@@ -119,20 +142,155 @@ def _lookup(raw: dict, dotted: str):
     return node
 
 
-def _iter_raw(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
+def _iter_raw(
+    source: SourceConfig,
+    key: str,
+    wants: Wants,
+    fields: set[str],
+    versions: list[dict],
+    reading: list[dict],
+):
     if source.hf:
-        yield from _iter_hf(source, key)
+        reading[:] = [v for v in versions if "size" in v]  # local files of a builder or folder
+        yield from _iter_hf(source, key, _commit(versions))
+        for version in reading:
+            check_unchanged(version)
         return
     if source.uri.startswith("hf://"):
-        yield from _iter_hub_files(source, key, wants, fields)
+        yield from _iter_hub_files(source, key, wants, fields, _commit(versions))
         return
+    for version in versions:
+        reading[:] = [version]
+        yield from _iter_checked(version, wants, fields)
+
+
+def _commit(versions: list[dict]) -> str | None:
+    return versions[0].get("commit") if versions else None
+
+
+# ---- what is read, and which version of it -----------------------------------------------
+
+
+def resolve_inputs(cfg: DataConfig) -> list[list[dict]]:
+    """Per source, the versions preprocessing reads: each file as `{"uri", "size", "etag"}`
+    (S3) or `{"uri", "size", "mtime_ns"}` (local), a Hub dataset or `hf://` source as
+    `{"uri", "commit"}` (the commit sha its revision names now). One HEAD (or stat) per
+    file; the Hub is asked only when the revision is not a commit sha already."""
+    if not cfg.sources:
+        raise BadInput("data.sources: no sources configured")
+    return [_resolve(source, f"data.sources[{i}]") for i, source in enumerate(cfg.sources)]
+
+
+def _resolve(source: SourceConfig, key: str) -> list[dict]:
+    if source.hf:
+        return _resolve_hf(source, key)
+    if source.uri.startswith("hf://"):
+        return [{"uri": source.uri, "commit": hub_commit(source, key)}]
     if source.revision:
         raise BadInput(f"{key}: 'revision' applies to 'hf' sources and hf:// URIs only")
     files = storage.expand(source.uri)
     if not files:
         raise BadInput(f"{key}: '{source.uri}' matches no file")
-    for uri in files:
-        yield from _iter_file(uri, storage.open_read, wants, fields)
+    return [version_of(uri) for uri in files]
+
+
+def version_of(uri: str) -> dict:
+    """A file's URI and fingerprint (storage.fingerprint)."""
+    try:
+        return {"uri": uri, **storage.fingerprint(uri)}
+    except FileNotFoundError:  # listed a moment ago
+        raise BadInput(
+            f"{uri}: cannot read: it was removed while the sources were listed"
+        ) from None
+
+
+def check_unchanged(version: dict) -> None:
+    """A BadInput naming the file when it is no longer the version `version` records."""
+    uri = version["uri"]
+    was = {k: v for k, v in version.items() if k != "uri"}
+    try:
+        now = storage.fingerprint(uri)
+    except FileNotFoundError:
+        now = None
+    if now == was:
+        return
+    if now is None:
+        change = "removed"
+    else:
+        keys = sorted(set(was) | set(now))
+        change = ", ".join(
+            f"{k} {was.get(k)} → {now.get(k)}" for k in keys if was.get(k) != now.get(k)
+        )
+    raise BadInput(f"{uri} changed while it was being read ({change}); rerun once it is stable")
+
+
+def _iter_checked(version: dict, wants: Wants, fields: set[str]):
+    """A file's records if it is still `version` when opened, checked again once read. A
+    change also explains a read that failed (a gzip cut short by a rewrite, a reopened S3
+    body refused by If-Match): that failure is then reported as the change."""
+    check_unchanged(version)
+    try:
+        yield from _iter_file(version["uri"], storage.open_read, wants, fields)
+    except (BadInput, TransientStorageError):
+        check_unchanged(version)
+        raise
+    check_unchanged(version)
+
+
+def _resolve_hf(source: SourceConfig, key: str) -> list[dict]:
+    """A builder (`json`, `parquet`, ...) reads its `data_files`; a local folder its files;
+    anything else is a Hub dataset, read at the commit its revision names now."""
+    if source.hf in _builders():
+        patterns = source.data_files or []
+        if isinstance(patterns, dict):
+            patterns = [p for v in patterns.values() for p in ([v] if isinstance(v, str) else v)]
+        elif isinstance(patterns, str):
+            patterns = [patterns]
+        out = []
+        for pattern in patterns:
+            if "://" in pattern and not pattern.startswith(("s3://", "file://")):
+                out.append({"uri": pattern})  # http(s), hf://: no fingerprint to take
+            else:  # none matched: load_dataset says so, in its words
+                out += [version_of(uri) for uri in storage.expand(pattern)]
+        return out
+    folder = Path(source.hf).expanduser()
+    if folder.is_dir():  # load_dataset ignores hidden files and folders
+        files = storage.list_files(str(folder))
+        hidden = [any(p.startswith(".") for p in Path(u).relative_to(folder).parts) for u in files]
+        return [version_of(uri) for uri, h in zip(files, hidden, strict=True) if not h]
+    return [{"uri": f"hf:{source.hf}", "commit": hub_commit(source, key)}]
+
+
+def _builders() -> set[str]:
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # no datasets (reading says so), or it moved them
+        return {"arrow", "csv", "json", "pandas", "parquet", "text", "webdataset", "xml"}
+    return set(_PACKAGED_DATASETS_MODULES)
+
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_commit(source: SourceConfig, key: str) -> str:
+    """The commit sha a Hub source's revision (default: the main branch) names now; the
+    revision itself, without asking the Hub, when it is a commit sha already."""
+    in_uri = re.search(r"@([0-9a-f]{40})(?:/|$)", source.uri or "")
+    for revision in (source.revision, in_uri and in_uri[1]):
+        if revision and _SHA.fullmatch(revision):
+            return revision
+    what = source.uri or _hf_name(source)
+    try:
+        from huggingface_hub import HfApi, HfFileSystem
+    except ImportError:
+        raise BadInput(f"{key}: {what}: Hub sources need the huggingface_hub package") from None
+    try:
+        if source.hf:
+            return HfApi().dataset_info(source.hf, revision=source.revision).sha
+        path = HfFileSystem().resolve_path(_hub_path(source, key))
+        return HfApi().repo_info(path.repo_id, repo_type=path.repo_type, revision=path.revision).sha
+    except Exception as e:
+        raise BadInput(_hf_failure(key, what, e)) from None
 
 
 # ---- files -----------------------------------------------------------------------------
@@ -321,15 +479,8 @@ def _iter_parquet(uri: str, f, wants: Wants, fields: set[str]):
 # ---- the Hugging Face Hub ----------------------------------------------------------------
 
 
-def hub_files(source: SourceConfig, key: str):
-    """The files an `hf://datasets/OWNER/NAME[@REVISION]/PATH-OR-GLOB` URI names, through
-    huggingface_hub's fsspec file system: (the file system, the sorted paths)."""
-    try:
-        from huggingface_hub import HfFileSystem
-    except ImportError:
-        raise BadInput(
-            f"{key}: hf:// URIs need the huggingface_hub package (pip install huggingface_hub)"
-        ) from None
+def _hub_path(source: SourceConfig, key: str) -> str:
+    """An hf:// URI as HfFileSystem's path, with `revision` put after the repository."""
     path = source.uri[len("hf://") :]
     if source.revision and "@" not in path:
         parts = path.split("/")
@@ -337,8 +488,25 @@ def hub_files(source: SourceConfig, key: str):
             raise BadInput(f"{key}: '{source.uri}' is not hf://datasets/OWNER/NAME/PATH")
         parts[2] += "@" + quote(source.revision, safe="")
         path = "/".join(parts)
+    return path
+
+
+def hub_files(source: SourceConfig, key: str, commit: str | None = None):
+    """The files an `hf://datasets/OWNER/NAME[@REVISION]/PATH-OR-GLOB` URI names, through
+    huggingface_hub's fsspec file system: (the file system, the sorted paths). With
+    `commit`, at that commit whatever the revision names now."""
+    try:
+        from huggingface_hub import HfFileSystem
+    except ImportError:
+        raise BadInput(
+            f"{key}: hf:// URIs need the huggingface_hub package (pip install huggingface_hub)"
+        ) from None
+    path = _hub_path(source, key)
     fs = HfFileSystem()
     try:
+        if commit:
+            resolved = fs.resolve_path(path)
+            path = dataclasses.replace(resolved, revision=commit, _raw_revision=None).unresolve()
         if any(c in path for c in "*?["):
             files = sorted(fs.glob(path))
         elif fs.isdir(path):
@@ -352,9 +520,11 @@ def hub_files(source: SourceConfig, key: str):
     return fs, files
 
 
-def _iter_hub_files(source: SourceConfig, key: str, wants: Wants, fields: set[str]):
+def _iter_hub_files(
+    source: SourceConfig, key: str, wants: Wants, fields: set[str], commit: str | None = None
+):
     """Hub files streamed with ranged reads, like S3 objects."""
-    fs, files = hub_files(source, key)
+    fs, files = hub_files(source, key, commit)
 
     def opener(uri: str):
         try:
@@ -369,15 +539,22 @@ def _iter_hub_files(source: SourceConfig, key: str, wants: Wants, fields: set[st
             raise TransientStorageError(f"hf://{file}: reading from the Hub failed: {e}") from None
 
 
-def _iter_hf(source: SourceConfig, key: str) -> Iterator[tuple[str, object]]:
-    name = f"hf:{source.hf}" + (f"/{source.hf_config}" if source.hf_config else "")
+def _hf_name(source: SourceConfig) -> str:
+    return f"hf:{source.hf}" + (f"/{source.hf_config}" if source.hf_config else "")
+
+
+def _iter_hf(
+    source: SourceConfig, key: str, commit: str | None = None
+) -> Iterator[tuple[str, object]]:
+    """A `datasets.load_dataset` split, row by row; a Hub dataset at `commit` when given."""
+    name = _hf_name(source)
     try:
         import datasets
     except ImportError:
         raise BadInput(f"{key}: 'hf' sources need the datasets package") from None
     kwargs = {}
-    if source.revision is not None:
-        kwargs["revision"] = source.revision
+    if commit or source.revision is not None:
+        kwargs["revision"] = commit or source.revision
     if source.data_files is not None:
         kwargs["data_files"] = source.data_files
     if source.streaming:
@@ -423,7 +600,9 @@ def _hf_failure(key: str, what: str, e: BaseException) -> str:
             "`hf_config: default` or the config's name), or point `data_files` at its data "
             "files, or mirror the files to storage and list them as `uri:`"
         )
-    if kind == "DatasetNotFoundError" or "doesn't exist on the Hub" in message:
+    if kind in ("DatasetNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError") or (
+        "doesn't exist on the Hub" in message
+    ):
         return (
             f"{key}: {what}: not found ({message}); check the name, and set HF_TOKEN for a "
             "gated or private dataset"

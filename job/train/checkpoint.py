@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import storage
+from job.errors import BadInput
 from job.log import log
+from job.train import safe_load
 
 
 class _TiedWeightsNote(logging.Filter):
@@ -126,7 +128,7 @@ def save(accelerator, run_output: str, step: int, state: dict, staging: Path, ke
     for part in gather_object([files]):
         merged.update(part)
     if accelerator.is_main_process:
-        storage.write_text(storage.join(uri, COMMIT), json.dumps({"step": step, "files": merged}))
+        storage.commit(storage.join(uri, COMMIT), json.dumps({"step": step, "files": merged}))
         prune(run_output, keep, saved=step)
     accelerator.wait_for_everyone()
     return uri
@@ -165,7 +167,11 @@ def fetch(accelerator, run_output: str, staging: Path) -> Restored | None:
 
     One process per node downloads and checks every sha256; a checksum that does not match
     on any node makes all ranks fall back to the previous checkpoint, as a missing marker
-    does: a retried pod must never fail again on the same damaged files."""
+    does: a retried pod must never fail again on the same damaged files.
+
+    A file that would need more than tensors and plain data to unpickle (safe_load) is no
+    damage but a planted payload: every rank raises BadInput naming it, before anything
+    reads it; its checksum proves nothing, as it sits in the same bucket."""
     local = staging / "resume"
     for step, uri in committed(run_output):
         problem = None
@@ -175,8 +181,22 @@ def fetch(accelerator, run_output: str, staging: Path) -> Restored | None:
             log.warning("checkpoint %s is damaged (%s); falling back to the previous one", uri,
                         problem or "on another node")  # fmt: skip
             continue
+        _refuse_unsafe(accelerator, uri, local)
         return Restored(step, uri, local, json.loads((local / STATE).read_text()))
     return None
+
+
+def _refuse_unsafe(accelerator, uri: str, local: Path) -> None:
+    """Collective: BadInput on every rank when a node's copy holds a file that
+    weights_only refuses (the first such file, as that node named it)."""
+    from accelerate.utils import gather_object
+
+    refusal = safe_load.refusal(local, uri) if accelerator.is_local_main_process else None
+    refusals = [r for r in gather_object([refusal]) if r]
+    if refusals:
+        if accelerator.is_local_main_process:
+            shutil.rmtree(local, ignore_errors=True)
+        raise BadInput(refusals[0])
 
 
 def _download_verified(uri: str, local: Path) -> str | None:
@@ -201,8 +221,10 @@ def _any_rank(accelerator, flag: bool) -> bool:
 
 
 def restore(accelerator, restored: Restored) -> None:
-    """Collective: load model, optimizer and RNG states from a fetched checkpoint."""
-    accelerator.load_state(str(restored.local))
+    """Collective: load model, optimizer and RNG states from a fetched checkpoint, every
+    file weights_only (DeepSpeed's own loads included: safe_load.enforced)."""
+    with safe_load.enforced():
+        accelerator.load_state(str(restored.local))
     accelerator.wait_for_everyone()
     if accelerator.is_local_main_process:
         shutil.rmtree(restored.local, ignore_errors=True)
@@ -220,8 +242,16 @@ def to_universal(local: Path) -> None:
 
     source, target = local / "pytorch_model", local / "pytorch_model.universal"
     shutil.rmtree(target, ignore_errors=True)
-    ds_to_universal(Namespace(input_folder=str(source), output_folder=str(target),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=True))  # fmt: skip
+    args = Namespace(
+        input_folder=str(source),
+        output_folder=str(target),
+        num_extract_workers=1,  # in this process: safe_load.enforced holds here only
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with safe_load.enforced():  # the converter's own loads say weights_only=False
+        ds_to_universal(args)
     shutil.rmtree(source)
     target.rename(source)

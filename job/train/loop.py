@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
-from job import storage
+from job import env, lease, storage
 from job.config import Config, dump_yaml
 from job.data.blocks import load_tokenizer
 from job.data.loader import BlockData, batch_ids, epoch_order
@@ -480,8 +480,25 @@ class Trainer:
 
 
 def train(cfg: Config) -> int:
+    """`mlmjob train`: rank 0 holds the lease on `run.output` throughout (the others
+    write only into checkpoint folders that rank 0 commits, fenced, or not at all)."""
+    if env.rank() != 0:
+        return _train(cfg)
+    run = cfg.run
+    with lease.hold(run.output, run.lease_wait_seconds, run.lease_ttl_seconds, "run.output"):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> int:
+    from job.train import resume_check
+
+    # First, before the accelerator: a resubmission that changes what the run is exits 2.
+    changed = resume_check.check(cfg)
     summary = storage.join(cfg.run.output, "summary.json")
     if storage.exists(summary):
         log.info("run already complete, nothing to do: %s", summary)
         return EXIT_OK
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    if changed and trainer.accelerator.is_main_process:  # once the checkpoint restored
+        resume_check.record(cfg, changed)
+    return trainer.run()

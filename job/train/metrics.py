@@ -36,6 +36,7 @@ class Metrics:
         if storage.is_s3(self.uri):
             self._rewrite()
             return
+        storage.fenced(self.uri)  # appending bypasses storage's writes: fence it here
         with open(storage.local_path(self.uri), "a") as f:
             f.write("".join(json.dumps(e) + "\n" for e in self.events[self.written :]))
         self.written = len(self.events)
@@ -86,6 +87,4 @@ def _parse(lines: list[str]) -> list[dict]:
 
 
 def write_summary(run_output: str, summary: dict) -> None:
-    storage.write_text(
-        storage.join(run_output, "summary.json"), json.dumps(summary, indent=2) + "\n"
-    )
+    storage.commit(storage.join(run_output, "summary.json"), json.dumps(summary, indent=2) + "\n")

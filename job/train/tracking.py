@@ -20,6 +20,7 @@ from pathlib import Path
 from job import storage
 from job.config import Config, to_dict
 from job.log import log
+from job.redact import redact
 
 TENSORBOARD = "tensorboard"
 # An unreachable server must cost seconds, not MLflow's default of 7 retries with backoff
@@ -29,7 +30,8 @@ _MLFLOW_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST
 
 def flat_params(cfg: Config) -> dict:
     """The resolved config as dotted keys (`train.learning_rate`): scalars as they are,
-    lists, mappings and None as JSON, which every tracker accepts as a param."""
+    lists, mappings and None as JSON, which every tracker accepts as a param. URLs are
+    redacted (`to_dict`): trackers' params are read by everyone with access to the run."""
     out: dict = {}
 
     def walk(prefix: str, value) -> None:
@@ -135,7 +137,9 @@ class Tracking:
     def _warn(self, name: str, e: Exception) -> None:
         if name not in self.warned:
             self.warned.add(name)
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            # MLflow's errors name the tracking URI, userinfo and all: redacted before the cut
+            text = redact(str(e)).strip()
+            first = text.splitlines()[0][:300] if text else type(e).__name__
             log.warning("tracking: %s failed (%s); training goes on without it", name, first)
 
 
