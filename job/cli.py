@@ -74,7 +74,7 @@ def _report(code: int) -> None:
 
 def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.retry_seconds)
     if args.command == "validate":
         return _validate(cfg, args.preflight)
     worker = env.worker(getattr(args, "worker_index", None), getattr(args, "num_workers", None))

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from job.errors import BadInput
-from job.redact import redact
+from job.redact import redact_all
 
 
 def _no_bool(value: Any) -> Any:
@@ -145,6 +145,12 @@ class StorageConfig(_Section):
     )
     region: str | None = Field(
         None, description="else `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`"
+    )
+    retry_seconds: Float = Field(
+        300.0,
+        ge=0,
+        description="how long a storage call retries transient errors (connection lost, "
+        "timeouts, 5xx, `SlowDown`) with backoff before the command exits 1",
     )
 
 
@@ -374,17 +380,7 @@ def to_dict(cfg: Config, redacted: bool = True) -> dict:
     config.yaml, tracker params, the model card, `mlmjob validate`) masks the userinfo and
     secret query parameters of every URL in it (job.redact): `http://***@host`."""
     data = cfg.model_dump()
-    return _redacted(data) if redacted else data
-
-
-def _redacted(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {k: _redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v) for v in value]
-    return value
+    return redact_all(data) if redacted else data
 
 
 def dump_yaml(cfg: Config, redacted: bool = True) -> str:

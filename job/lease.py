@@ -10,7 +10,9 @@ up to `run.lease_wait_seconds` for the holder to let go, then exits 2 naming it.
 
 While held, the output's prefix is fenced in `storage`: every write checks the lease (a
 commit reads it back from the store first), so a holder that lost it (taken over after
-it stalled, or its renewals failed for a TTL) stops without writing and exits 1.
+it stalled past its TTL) stops without writing and exits 1. A store outage stalls
+everyone alike: renewals are retried, and a commit after one renews the lease first by
+compare-and-swap, which fails only if another writer took it meanwhile.
 
 Hand-written: no library offers a lease over S3 conditional writes and local files alike
 (fsspec has no compare-and-swap; DynamoDB or etcd locks would add a service per cluster).
@@ -85,7 +87,6 @@ class Lease:
     version: str | None = None  # of the lease file as this holder last wrote it
     lost: str | None = None  # why it is lost, once it is
     verified: float = 0.0  # monotonic time of the last check against the store
-    renewed_mono: float = 0.0  # monotonic time of the last successful renewal
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -135,7 +136,7 @@ class Lease:
         elif current and not old:
             log.warning("%s: replaced an unreadable lease file", self.uri)
         self.record, self.version = mine, version
-        self.verified = self.renewed_mono = time.monotonic()
+        self.verified = time.monotonic()
         return None
 
     # ---- holding ---------------------------------------------------------------------
@@ -151,7 +152,7 @@ class Lease:
                 self._lose("the lease file changed under it (taken over)")
                 return
             self.record, self.version = record, version
-            self.verified = self.renewed_mono = time.monotonic()
+            self.verified = time.monotonic()
 
     def _renew_loop(self) -> None:
         failing = False
@@ -161,12 +162,10 @@ class Lease:
                 if failing:
                     log.info("%s: lease renewed again", self.output)
                 failing = False
-            except Exception as e:  # an outage: keep trying until the TTL is spent
+            except Exception as e:  # an outage: keep trying (see _verify)
                 if not failing:
                     log.warning("%s: cannot renew the lease (%s); retrying", self.output, e)
                 failing = True
-                if time.monotonic() - self.renewed_mono > self.ttl:
-                    self._lose(f"not renewed for {self.ttl:.0f} s")
             if self.lost:
                 return
 
@@ -187,13 +186,17 @@ class Lease:
             )
 
     def _verify(self) -> None:
+        """Still ours? A lease that went unrenewed for most of its TTL (the store was down:
+        nobody could renew or take it) is renewed before the commit, by compare-and-swap:
+        if that fails, another writer took it over meanwhile."""
         current = storage.read_versioned(self.uri)
         record = Record.decode(current[0]) if current else None
         if record is None or record.token != self.record.token:
             self._lose("another writer holds it now" if record else "the lease file is gone")
-        elif time.monotonic() - self.renewed_mono > self.ttl:
-            self._lose(f"not renewed for {self.ttl:.0f} s")
-        else:
+            return
+        if time.time() - record.renewed > 0.75 * self.ttl:
+            self.renew()
+        if not self.lost:
             self.verified = time.monotonic()
 
     def release(self) -> None:

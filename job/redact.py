@@ -73,6 +73,17 @@ def _url(m: re.Match) -> str:
     return scheme + rest
 
 
+def redact_all(value):
+    """Every string in a structure of dicts and lists, redacted (configs, manifests)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_all(v) for v in value]
+    return value
+
+
 def redact(text: str) -> str:
     """`text` with the userinfo and secret parameter values of every URL in it as `***`."""
     if "://" not in text:  # the common case, and the hot path of every write to stderr

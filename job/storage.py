@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from pathlib import Path
 from job.errors import StorageError, TransientStorageError
 from job.log import log
 
-_settings = {"endpoint_url": None, "region": None}
+_settings = {"endpoint_url": None, "region": None, "retry_seconds": 300.0}
 _client = None
 _client_worked = False  # has the cached client completed a call? (see _s3_call)
 
@@ -47,10 +48,14 @@ _EXPIRED = {
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403"}
 
 
-def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
-    """Set the S3 endpoint and region (config values win over the environment)."""
+def configure(
+    endpoint_url: str | None = None, region: str | None = None, retry_seconds: float = 300.0
+) -> None:
+    """Set the S3 endpoint and region (config values win over the environment) and how
+    long transient errors are retried (`storage.retry_seconds`)."""
     _settings["endpoint_url"] = endpoint_url
     _settings["region"] = region
+    _settings["retry_seconds"] = retry_seconds
     _drop_client()
 
 
@@ -111,7 +116,8 @@ def client():
             endpoint_url=endpoint,
             region_name=region,
             config=Config(
-                retries={"max_attempts": 8, "mode": "standard"},
+                # a few quick attempts; _s3_call retries outages for storage.retry_seconds
+                retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=10,
                 read_timeout=120,
                 s3={"addressing_style": "path" if endpoint else "auto"},
@@ -120,7 +126,91 @@ def client():
     return _client
 
 
+# S3 error codes (and HTTP statuses) that mean "not now": retried for storage.retry_seconds.
+_TRANSIENT = {
+    *("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"),
+    *("RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable"),
+    *("BandwidthLimitExceeded", "500", "502", "503", "504"),
+}
+
+
+def _transient(error: BaseException | None) -> bool:
+    """A connection lost or refused, a timeout, a truncated body, a 5xx or throttling
+    answer: anything an outage or an overloaded store gives (looked for along the chain of
+    causes: s3transfer wraps what it met in S3UploadFailedError)."""
+    from botocore.exceptions import ClientError
+
+    while error is not None:
+        if isinstance(error, _broken_connection_errors()):
+            return True
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = str(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            return code in _TRANSIENT or status in _TRANSIENT
+        suppressed = error.__suppress_context__  # `raise ... from None`: a final answer
+        error = error.__cause__ or (None if suppressed else error.__context__)
+    return False
+
+
+class _Outage:
+    """One warning when storage stops answering, one line when it is back: not one per
+    attempt (the prefetcher, the lease and the loop may all be retrying at once)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.since: float | None = None
+
+    def retrying(self, uri: str, error: BaseException) -> None:
+        with self.lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                budget = _settings["retry_seconds"]
+                what = f"{type(error).__name__} on {uri}"
+                log.warning(
+                    "storage unavailable (%s); retrying for up to %.0f s (storage.retry_seconds)",
+                    what,
+                    budget,
+                )
+
+    def answered(self) -> None:
+        if self.since is None:
+            return
+        with self.lock:
+            if self.since is not None:
+                log.info("storage answers again after %.0f s", time.monotonic() - self.since)
+                self.since = None
+
+
+_outage = _Outage()
+
+
 def _s3_call(uri: str, call):
+    """`_s3_refreshing(uri, call)`, with transient errors retried (exponential backoff with
+    jitter) for up to storage.retry_seconds, then a TransientStorageError (exit 1)."""
+    import tenacity
+
+    budget = _settings["retry_seconds"]
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(budget),
+        wait=tenacity.wait_random_exponential(multiplier=0.5, max=15),
+        retry=tenacity.retry_if_exception(_transient),
+        before_sleep=lambda state: _outage.retrying(uri, state.outcome.exception()),
+        reraise=True,
+    )
+    try:
+        result = retrying(_s3_refreshing, uri, call)
+    except Exception as e:
+        if not _transient(e):
+            raise
+        raise TransientStorageError(
+            f"{uri}: storage unavailable for {budget:.0f} s (storage.retry_seconds): "
+            f"{type(e).__name__}; worth a retry"
+        ) from None
+    _outage.answered()
+    return result
+
+
+def _s3_refreshing(uri: str, call):
     """Run `call(client)`, turning errors retrying cannot fix into one clear line.
 
     A refusal that fresh credentials may cure (an expired token; a denial on a client that
@@ -192,8 +282,8 @@ def _raise_for(uri: str, error, worked: bool) -> None:
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         loc = split_s3(uri)
-        resp = _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key))
-        return resp["Body"].read()
+        # the body is read inside the call: a body cut short is retried as a whole
+        return _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
     return local_path(uri).read_bytes()
 
 
@@ -206,8 +296,8 @@ def read_range(uri: str, start: int, length: int) -> bytes:
     if is_s3(uri):
         loc = split_s3(uri)
         rng = f"bytes={start}-{start + length - 1}"
-        resp = _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key, Range=rng))
-        return resp["Body"].read()
+        get = lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key, Range=rng)  # noqa: E731
+        return _s3_call(uri, lambda c: get(c)["Body"].read())
     with open(local_path(uri), "rb") as f:
         f.seek(start)
         return f.read(length)
@@ -495,11 +585,15 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
     locally), or None when there is none."""
     if is_s3(uri):
         loc = split_s3(uri)
+
+        def get(c):
+            resp = c.get_object(Bucket=loc.bucket, Key=loc.key)
+            return resp["Body"].read(), resp["ETag"]
+
         try:
-            resp = _s3_call(uri, lambda c: c.get_object(Bucket=loc.bucket, Key=loc.key))
+            return _s3_call(uri, get)
         except FileNotFoundError:
             return None
-        return resp["Body"].read(), resp["ETag"]
     try:
         data = local_path(uri).read_bytes()
     except FileNotFoundError:
@@ -518,13 +612,24 @@ def write_if(uri: str, data: bytes, version: str | None) -> str | None:
 
     path = local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    with open(_lock_path(path), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         current = read_versioned(uri)
         if (current[1] if current else None) != version:
             return None
         _write_bytes(uri, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def delete_versioned(uri: str) -> None:
+    """Remove an object written by write_if (locally, its lock file too)."""
+    delete(uri)
+    if not is_s3(uri):
+        _lock_path(local_path(uri)).unlink(missing_ok=True)
 
 
 def _s3_write_if(uri: str, data: bytes, version: str | None) -> str | None:
@@ -540,9 +645,12 @@ def _s3_write_if(uri: str, data: bytes, version: str | None) -> str | None:
         return None
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            return None
-        raise
+        if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            raise
+        # A retried PUT whose first attempt did land fails its own condition: it is ours
+        # when the object holds exactly what this call wrote.
+        current = read_versioned(uri)
+        return current[1] if current and current[0] == data else None
     return resp["ETag"]
 
 

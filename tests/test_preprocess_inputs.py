@@ -337,3 +337,33 @@ def test_hub_sources_are_keyed_by_a_commit_given_as_revision_without_the_hub(mon
         [{"uri": "hf:owner/name", "commit": sha}],
         [{"uri": f"hf://datasets/owner/name@{sha}/data/*.parquet", "commit": sha}],
     ]
+
+
+@pytest.mark.unit
+def test_parts_of_different_inputs_are_one_line_naming_the_part(tmp_path, monkeypatch):
+    """Different inputs now give different dataset ids; should parts of two versions still
+    meet (a file rewritten keeping its size and mtime), finalizing is one BadInput line
+    naming the part, not a RuntimeError traceback."""
+    from job.data import preprocess as pre
+
+    monkeypatch.setattr(pre, "CHUNK", 4)
+    src = tmp_path / "in.jsonl"
+    cfg = load_config(
+        write_config(
+            tmp_path / "c.yaml",
+            f"data:\n  sources: ['{src}']\n  output: '{tmp_path}/o'\n"
+            f"  cache_dir: '{tmp_path}/cache'\nmodel:\n  name_or_path: '{DEMO_TOKENIZER}'\n",
+        )
+    )
+    tok = load_tokenizer(str(DEMO_TOKENIZER), tmp_path / "cache")
+    root = str(tmp_path / "o" / "ds")
+    parts = [pre._part_uri(root, w, 2) for w in range(2)]
+    for w, n in ((0, 10), (1, 6)):  # worker 0 reads 10 records (6 of them its), worker 1 six
+        src.write_bytes(jsonl([record(i) for i in range(n)]))
+        pre._tokenize_part(cfg, tok, w, 2, parts[w], resolve_inputs(cfg.data))
+    with pytest.raises(BadInput) as e:
+        pre.finalize(cfg, tok, root, parts, resolve_inputs(cfg.data))
+    assert str(e.value) == (
+        f"{parts[0]}: part 0 holds 6 records, the stream gives it 4: the parts were made from "
+        f"different inputs; delete {root}/_work and rerun every worker"
+    )

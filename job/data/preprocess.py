@@ -37,13 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from job import storage
+from job import lease, storage
 from job.config import Config
 from job.data import blocks as blocks_mod
 from job.data import shards
 from job.data.sources import iter_records, resolve_inputs
 from job.errors import BadInput
 from job.log import bar, log
+from job.redact import redact_all
 
 CHUNK = 1000  # records per unit of work handed round-robin to workers
 ENCODE_BATCH = 2048  # texts per encode_batch call: large enough to keep every core busy
@@ -52,6 +53,7 @@ MAX_LOGGED_BAD = 20
 # touches about one page of the mapped parts per record: those pages count as this
 # process's memory until `release`, which bounds it near GATHER_BATCH x 8 KiB.
 GATHER_BATCH = 1 << 14
+FINALIZE_LEASE = "_lease-finalize.json"
 PART_FORMAT = 2  # 1: one .npz holding the ids (read still); 2: .npy files beside the marker
 
 
@@ -76,9 +78,22 @@ def preprocess(cfg: Config, worker_index: int = 0, num_workers: int = 1) -> str:
     if missing:
         log.info("worker %d done; %d part(s) still missing", worker_index, len(missing))
         return root
-    manifest = finalize(cfg, tok, root, parts, inputs)
-    _summary(manifest, time.perf_counter() - start, root)
+    _finalize_once(cfg, tok, root, parts, inputs, start)
     return root
+
+
+def _finalize_once(cfg: Config, tok, root: str, parts: list[str], inputs, start: float) -> None:
+    """Every worker that finds all parts there may get here; one of them finalizes, under
+    the dataset's lease. The others wait for it to let go, then find the manifest."""
+    run, what = cfg.run, "dataset finalizer"
+    with lease.hold(root, run.lease_wait_seconds, run.lease_ttl_seconds, what, FINALIZE_LEASE):
+        if storage.exists(storage.join(root, shards.MANIFEST)):
+            log.info("dataset finalized by another worker: %s", root)
+            return
+        manifest = finalize(cfg, tok, root, parts, inputs)
+    # The manifest now says "complete" to every reader: the lease has nothing left to guard.
+    storage.delete_versioned(storage.join(root, FINALIZE_LEASE))
+    _summary(manifest, time.perf_counter() - start, root)
 
 
 def _part_uri(root: str, worker: int, num_workers: int) -> str:
@@ -204,7 +219,7 @@ def _tokenize_part(
         part.flush()
         part.ids.close()
         part.lengths.close()
-    storage.write_bytes(part_uri, part.marker())  # the commit point of the part
+    storage.commit(part_uri, part.marker())  # the commit point of the part
     seconds = time.perf_counter() - start
     log.info(
         "worker %d: %d records (%d malformed), %d tokens in %.1f s (%.0f tokens/s)",
@@ -376,7 +391,7 @@ def _finalize(cfg: Config, tok, root: str, records: Parts, inputs: list | None =
         "dtype": dtype.name,
         "seed": cfg.run.seed,
         "test_size": d.test_size,
-        "sources": [s.model_dump() for s in d.sources],
+        "sources": [redact_all(s.model_dump()) for s in d.sources],  # signed data_files URLs
         # the versions read, the id's key: [{"uri", "size", "etag"|"mtime_ns"} | {"uri", "commit"}]
         "inputs": [v for vs in (resolve_inputs(d) if inputs is None else inputs) for v in vs],
         "malformed_records": bad_count,
