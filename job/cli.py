@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from job import env, orphan, redact, storage
+from job import env, launch, orphan, redact, storage
 from job.config import dump_yaml, load_config
 from job.errors import EXIT_BAD_INPUT, EXIT_RETRY, BadInput, StorageError, TransientStorageError
 from job.log import setup_logging
@@ -56,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(args)
     except (BadInput, StorageError) as e:
-        for line in str(e).splitlines():  # a config can have several bad keys: one line each
-            print(f"mlmjob: error: {line}", file=sys.stderr)
+        # A config can have several bad keys: one line each.
+        lines = [f"mlmjob: error: {line}" for line in str(e).splitlines()]
+        for line in lines:
+            print(line, file=sys.stderr)
+        launch.explain(*lines)
         code = EXIT_BAD_INPUT
     except TransientStorageError as e:  # one line, not a traceback; the pod is retried
         print(f"mlmjob: error: {e}", file=sys.stderr)
@@ -67,9 +69,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(code: int) -> None:
-    """Under job.launch, leave the exit code where the launcher reads it (torchrun hides it)."""
+    """Under job.launch, leave the exit code where the launcher reads it (torchrun hides it),
+    with the line(s) that explain it (`launch.explain`), which the launcher prints last."""
     if env.exit_dir():
-        Path(env.exit_dir(), f"rank-{env.rank()}").write_text(str(code))
+        launch.leave_exit(env.exit_dir(), env.rank(), code)
+
+
+# The output each command writes: a local one that is a file is named before it starts.
+OUTPUT_KEY = {
+    "preprocess": "data.output",
+    "train": "run.output",
+    "infer": "infer.output",
+    "evaluate": "run.output",
+}
 
 
 def _run(args) -> int:
@@ -77,6 +89,12 @@ def _run(args) -> int:
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.retry_seconds)
     if args.command == "validate":
         return _validate(cfg, args.preflight)
+    if args.command in OUTPUT_KEY:  # before the first write (a lease, a cache folder)
+        from job.preflight import check_output
+
+        key = OUTPUT_KEY[args.command]
+        section, name = key.split(".")
+        check_output(key, getattr(getattr(cfg, section), name))
     worker = env.worker(getattr(args, "worker_index", None), getattr(args, "num_workers", None))
     if args.command == "preprocess":
         from job.data.preprocess import preprocess

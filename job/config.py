@@ -8,6 +8,7 @@ config reference (generated from here; a test keeps them equal).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,6 +26,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from job.errors import BadInput
 from job.redact import redact_all
@@ -37,7 +40,20 @@ def _no_bool(value: Any) -> Any:
 
 Int = Annotated[int, Strict()]  # YAML `true` is not a number of steps
 # Lax on purpose: YAML 1.1 reads `2e-5` as a string, which pydantic turns into a float.
-Float = Annotated[float, BeforeValidator(_no_bool)]
+# Finite: `.inf` and `.nan` (or "inf") would train to NaN and write NaN into summary.json.
+Float = Annotated[float, BeforeValidator(_no_bool), AllowInfNan(False)]
+
+
+def _finite(value: Any) -> Any:
+    """A free-form value (config_overrides) with no NaN or infinity anywhere in it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
+    if isinstance(value, dict | list):
+        for item in value.values() if isinstance(value, dict) else value:
+            _finite(item)
+    return value
+
+
 Precision = Literal["auto", "bf16", "fp32"]
 
 _SCHEMES = ("file", "s3")  # what job.storage reads and writes
@@ -117,7 +133,7 @@ class RunConfig(_Section):
     output: Uri = Field(
         "out/run", description="where checkpoints, metrics, summary and the model go"
     )
-    seed: Int = Field(42, ge=0, description="split, sample order, masks, initial weights")
+    seed: Int = Field(42, ge=0, lt=2**32, description="split, sample order, masks, initial weights")
     name: str = Field("mlmjob", description="shown in logs and `summary.json` (`run_name`)")
     lease_wait_seconds: Float = Field(
         900.0,
@@ -197,7 +213,7 @@ class ModelConfig(_Section):
     from_scratch: bool = Field(
         False, description="random weights from the model's config (RoBERTa defaults if none)"
     )
-    config_overrides: dict[str, Any] = Field(
+    config_overrides: dict[str, Annotated[Any, AfterValidator(_finite)]] = Field(
         default_factory=dict, description="applied to the model config, e.g. `{hidden_size: 256}`"
     )
 
@@ -299,17 +315,60 @@ class Config(_Section):
         return Path(self.data.cache_dir or default).expanduser()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, which YAML forbids but
+    PyYAML accepts, keeping the last (a second `run:` would silently replace the first).
+    Hand-written: PyYAML has no option for it (yaml/pyyaml#165), and ruamel.yaml, which
+    refuses duplicates, would be a second YAML library for this one check."""
+
+    def construct_document(self, node):
+        self._check_unique(node, "", set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: checked where its anchor is
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                self._check_unique(child, f"{path}[{i}]", seen)
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, value_node in node.value:
+                merge = key_node.tag == "tag:yaml.org,2002:merge"  # `<<: *base`
+                scalar = isinstance(key_node, yaml.ScalarNode) and not merge
+                key = self.construct_object(key_node) if scalar else None
+                dotted = f"{path}.{key}" if path else str(key)
+                if scalar and key in lines:
+                    problem = f"duplicate key '{dotted}' (first at line {lines[key]})"
+                    mark = key_node.start_mark
+                    raise yaml.constructor.ConstructorError(None, None, problem, mark)
+                if scalar:
+                    lines[key] = key_node.start_mark.line + 1
+                self._check_unique(value_node, dotted if scalar else path, seen)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML file, apply `key.path=value` overrides, and check the result."""
     path = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = _load_yaml(Path(path).read_text()) or {}
     except OSError as e:
         raise BadInput(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(
+            f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start} (save the config as UTF-8)"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
-        raise BadInput(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        detail = getattr(e, "problem", None) or " ".join(str(e).split())  # one line
+        raise BadInput(f"{where}: invalid YAML: {detail}") from None
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: the top level must be a mapping")
     for item in overrides:
@@ -325,7 +384,7 @@ def apply_override(raw: dict, item: str, path: str) -> None:
     if not sep or not key:
         raise BadInput(f"--set {item!r}: expected key.path=value")
     try:
-        parsed = yaml.safe_load(value)
+        parsed = _load_yaml(value)
     except yaml.YAMLError:
         raise BadInput(f"--set {key}: value is not valid YAML: {value!r}") from None
     node = raw
@@ -350,6 +409,8 @@ def describe(err: dict) -> str:
     kind, given, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     if kind == "extra_forbidden":
         return f"unknown key '{key}'"
+    if kind == "finite_number" or (kind in _BOUNDS and _non_finite(given)):  # nan fails `gt`
+        return f"key '{key}' must be a finite number, got {given!r}"
     if kind in _BOUNDS:
         return f"key '{key}' must be {_BOUNDS[kind].format(**ctx)}, got {given!r}"
     if kind == "literal_error":
@@ -361,6 +422,13 @@ def describe(err: dict) -> str:
     if base in _TYPES:
         return f"key '{key}' must be {_TYPES[base]}, got {given!r}"
     return f"key '{key}': {err['msg']}, got {given!r}"
+
+
+def _non_finite(value: Any) -> bool:
+    try:
+        return isinstance(value, float | str) and not math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def _key_path(loc: tuple) -> str:

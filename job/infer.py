@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from job import env, lease, storage
+from job import env, jsonio, lease, storage
 from job.config import Config
 from job.data.sources import open_stream
 from job.errors import BadInput
@@ -209,6 +209,12 @@ class FillMask:
                                 attn_implementation="sdpa")  # fmt: skip
         if self.tok.mask_token is None:
             raise BadInput(f"infer.model: '{model_uri}' has a tokenizer without a mask token")
+        vocab = model.config.vocab_size  # the candidates top-k is taken from
+        if top_k > vocab:
+            raise BadInput(
+                f"infer.top_k: {top_k} is more than the vocabulary of '{model_uri}' "
+                f"({vocab:,} tokens)"
+            )
         self.device = torch.device(device)
         # fp32 is what equals pipeline("fill-mask"); bf16 is the fast choice on a GPU
         auto = "bf16" if self.device.type == "cuda" else "fp32"
@@ -507,7 +513,7 @@ def _write_part(run: Run, src: Input, k: int, stream) -> None:
         "last": not stream.peek(1),
         "owner": run.owner,
     }
-    storage.commit(storage.join(run.out, f"{part.name}.done"), json.dumps(marker) + "\n")
+    storage.commit(storage.join(run.out, f"{part.name}.done"), jsonio.dumps(marker) + "\n")
     run.stats.update(parts=run.stats["parts"] + 1, lines=run.stats["lines"] + count,
                      errors=run.stats["errors"] + errors)  # fmt: skip
 
@@ -519,7 +525,7 @@ def _stage_part(run: Run, fill: FillMask, part: Part, stream, f) -> tuple[int, i
     lines = iter_lines(stream, part.uri, part.line_range[0], per_part, cfg.text_field)
     count = errors = 0
     for results in fill_windows(fill, lines, part.uri, cfg.batch_size, run.progress):
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        f.writelines(jsonio.dumps(r, ensure_ascii=False) + "\n" for r in results)
         if run.stats["lines"] + count == 0:
             _preview(results)
         count += len(results)

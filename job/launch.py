@@ -17,10 +17,22 @@ torchrun itself reports every worker failure as 1, so workers leave their code i
 file that this launcher reads. On SIGTERM (what the kubelet sends PID 1 on preemption)
 it signals the workers directly, so they checkpoint, and waits for them however long it
 takes; torchrun would give them 30 s.
+
+The pod's log ends with the line that says why it stopped. torchrun reports every worker
+exit but 0 as a crash (`ChildFailedError` traceback, `job FAILED` banner); so torchrun
+runs inside this module (`python -m job.launch torchrun ...`, see `agent`), which holds
+its own lines from a worker's failure on, and drops them when the workers' exit files
+explain the exit: 2 (bad input) or 3 (preempted). The launcher then prints, last, the
+line(s) the workers left there (`mlmjob: error: ...`, `mlmjob: preempted at step N:
+checkpoint committed (URI); exit 3`). Any other failure keeps torchrun's report. The
+workers' own output never passes through either process: they write to the pod's
+stderr directly, live, a terminal's progress bar included.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +44,7 @@ from job import redact
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRY
 
 COMMANDS = ("train", "infer", "evaluate")  # the ones that run on every process
+AGENT = "torchrun"  # internal: `python -m job.launch torchrun ARGS` is torchrun, quieter
 
 
 def torchrun_command(args: list[str], env: dict) -> list[str]:
@@ -64,6 +77,12 @@ def torchrun_command(args: list[str], env: dict) -> list[str]:
     return cmd + ["-m", "job", *args]
 
 
+def agent_command(torchrun: list[str]) -> list[str]:
+    """What the launcher runs for `torchrun`: the same arguments, to `agent` (below)."""
+    python, _, _, *rest = torchrun  # python -m torch.distributed.run ARGS
+    return [python, "-m", "job.launch", AGENT, *rest]
+
+
 def _gpu_count() -> int:
     try:
         import torch
@@ -82,6 +101,110 @@ def exit_code(torchrun_rc: int, worker_codes: list[int]) -> int:
     return EXIT_OK if torchrun_rc == 0 else EXIT_RETRY
 
 
+# ---- the exit files: each worker's code and the line(s) that explain it ----------------
+
+_explanation: list[str] = []
+
+
+def explain(*lines: str) -> None:
+    """In a worker: the line(s) that explain the code it is about to exit with (`mlmjob:
+    error: ...`, `mlmjob: preempted at step N: ...`). job.cli leaves them in its exit file
+    (`leave_exit`); the launcher prints them as the last lines of the pod's log."""
+    _explanation[:] = lines
+
+
+def leave_exit(exit_dir: str, rank: int, code: int) -> None:
+    record = {"code": code, "lines": _explanation}
+    Path(exit_dir, f"rank-{rank}").write_text(json.dumps(record))
+
+
+def read_exits(exit_dir: str) -> dict[int, dict]:
+    """rank -> {"code", "lines"} of each worker that reported (a torn file: none)."""
+    exits = {}
+    for p in Path(exit_dir).glob("rank-*"):
+        try:
+            exits[int(p.name.removeprefix("rank-"))] = json.loads(p.read_text())
+        except ValueError:
+            continue
+    return exits
+
+
+def explained(exits: dict[int, dict], code: int) -> list[str]:
+    """The lines that explain the pod's exit `code` (2 or 3): those of the lowest rank that
+    exited with it and left some, else one naming the code. None for 0 and 1 (for a crash
+    torchrun's report says more)."""
+    if code not in (EXIT_BAD_INPUT, EXIT_PREEMPTED):
+        return []
+    for rank in sorted(exits):
+        if exits[rank]["code"] == code and exits[rank]["lines"]:
+            return exits[rank]["lines"]
+    what = "bad input" if code == EXIT_BAD_INPUT else "preempted"
+    return [f"mlmjob: a worker exited {code} ({what}); exit {code}"]
+
+
+def _outcome(torchrun_rc: int, exit_dir: str) -> tuple[int, list[str]]:
+    exits = read_exits(exit_dir)
+    code = exit_code(torchrun_rc, [e["code"] for e in exits.values()])
+    return code, explained(exits, code)
+
+
+# ---- torchrun, quieter -----------------------------------------------------------------
+
+
+class _HeldReport:
+    """torchrun's log records from its first warning about its workers' processes on: once
+    a worker exits but 0 it stops the others (`Sending process N closing signal SIGTERM`)
+    and reports the first (`failed (exitcode: 3) local_rank: 0 ...`). Held back, on every
+    handler, until `release` (any end but an explained one) or for good."""
+
+    def __init__(self):
+        self.held: list[tuple[logging.Handler, logging.LogRecord]] = []
+        self.holding = self.released = False
+        loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
+        handlers = {h for lg in loggers for h in getattr(lg, "handlers", ())}
+        for handler in [*handlers, logging.lastResort]:
+            handler.addFilter(self._filter(handler))
+
+    def _filter(self, handler: logging.Handler):
+        def keep(record: logging.LogRecord) -> bool:
+            if self.released:
+                return True
+            workers = record.name.startswith("torch.distributed.elastic.multiprocessing")
+            self.holding |= workers and record.levelno >= logging.WARNING
+            if self.holding:
+                self.held.append((handler, record))
+            return not self.holding
+
+        return keep
+
+    def release(self) -> None:
+        self.released = True
+        for handler, record in self.held:
+            handler.handle(record)
+
+
+def agent(torchrun_args: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) in this process, with its failure report (log
+    lines and the ChildFailedError traceback) left out when the workers' exit files
+    explain the failure. The workers inherit this process's stderr as they would
+    torchrun's: their output is untouched."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+    from torch.distributed.run import parse_args, run
+
+    report, lines = _HeldReport(), []
+    try:
+        record(lambda: run(parse_args(torchrun_args)))()
+    except ChildFailedError:
+        code, lines = _outcome(EXIT_RETRY, os.environ["MLMJOB_EXIT_DIR"])
+        if lines:
+            return code  # the launcher prints `lines` last, in place of torchrun's report
+        raise
+    finally:
+        if not lines:
+            report.release()
+    return EXIT_OK
+
+
 def _signal_workers(pid: int, sig: int) -> None:
     import psutil
 
@@ -95,21 +218,24 @@ def _signal_workers(pid: int, sig: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     redact.install()  # this process's lines; each worker (job.cli:main) redacts its own
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [AGENT]:
+        return agent(args[1:])
     if not args or args[0] not in COMMANDS:
         print(f"usage: python -m job.launch {{{'|'.join(COMMANDS)}}} -c CONFIG [--set ...]",
               file=sys.stderr)  # fmt: skip
         return EXIT_BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="mlmjob-exit-") as exit_dir:
         env = {**os.environ, "MLMJOB_EXIT_DIR": exit_dir}
-        proc = subprocess.Popen(torchrun_command(args, env), env=env)
+        proc = subprocess.Popen(agent_command(torchrun_command(args, env)), env=env)
 
         def on_sigterm(signum, frame):
             _signal_workers(proc.pid, signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, on_sigterm)
-        rc = proc.wait()
-        codes = [int(p.read_text()) for p in Path(exit_dir).glob("rank-*")]
-    return exit_code(rc, codes)
+        code, lines = _outcome(proc.wait(), exit_dir)
+    for line in lines:  # the last lines of the log: why the pod stopped
+        print(line, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

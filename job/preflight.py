@@ -22,9 +22,8 @@ from job.data import shards
 from job.data.blocks import load_tokenizer
 from job.data.sources import hub_files
 from job.errors import BadInput, StorageError, TransientStorageError
-from job.pretrained import expect_files
+from job.pretrained import check_weights, expect_files
 from job.train.accel import deepspeed_config
-from job.train.model import model_config
 
 
 @dataclass
@@ -94,6 +93,7 @@ def _tokenizer(cfg: Config, report: Report):
 
 
 def _model(cfg: Config, tok, report: Report) -> None:
+    from job.train.model import from_config, model_config  # torch: not for `check_output`
 
     m = cfg.model
     if not m.from_scratch:
@@ -101,14 +101,17 @@ def _model(cfg: Config, tok, report: Report) -> None:
     if tok is None:  # the tokenizer's problem is reported already
         return
     config = model_config(m, tok, cfg.cache_dir, cfg.data.block_size)
+    from_config(config, meta=True)  # its values fit together (no memory, no weights)
     report.plan.append(f"model: {m.name_or_path} ({config.model_type}, {config.num_hidden_layers} "
                        f"layers x {config.hidden_size}, vocab {config.vocab_size:,})")  # fmt: skip
 
 
 def _has_weights(uri: str, key: str) -> None:
-    """A folder (local or S3) must hold a model; a hub id is checked when it downloads."""
+    """A folder (local or S3) must hold a model whose safetensors files are whole (their
+    headers are read, not the weights); a hub id is checked when it downloads."""
     if storage.is_s3(uri) or storage.local_path(uri).is_dir():
         expect_files(uri, uri, key, tokenizer=False)
+        check_weights(uri, key)
 
 
 def _deepspeed(cfg: Config) -> None:
@@ -123,11 +126,24 @@ def _writable(key: str, uri: str) -> None:
         storage.write_text(probe, "probe\n")
         storage.delete(probe)
         return
-    nearest = _nearest_folder(storage.local_path(uri))
-    if not nearest.is_dir():
-        raise BadInput(f"{key}: cannot write to '{uri}': '{nearest}' is a file")
+    nearest = check_output(key, uri)
     if not os.access(nearest, os.W_OK):
         raise BadInput(f"{key}: cannot write to '{uri}': permission denied")
+
+
+def check_output(key: str, uri: str) -> Path | None:
+    """A local output that is (or lies under) a file is refused, naming its key: what each
+    command checks before its first write, too (else a NotADirectoryError deep inside it).
+    Returns the output's nearest existing folder; None on S3."""
+    if storage.is_s3(uri):
+        return None
+    path = storage.local_path(uri)
+    nearest = _nearest_folder(path)
+    if nearest == path and not path.is_dir():
+        raise BadInput(f"{key}: '{uri}' is a file; an output must be a folder")
+    if not nearest.is_dir():
+        raise BadInput(f"{key}: cannot write to '{uri}': '{nearest}' is a file")
+    return nearest
 
 
 def _nearest_folder(path: Path) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 
 from job import storage
 from job.data.shards import Manifest, load_shard
+from job.errors import BadInput
 from job.log import log
 
 
@@ -30,8 +31,10 @@ class BlockData:
         sizes = [len(a) for a in self.arrays]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if self.offsets[-1] != manifest.blocks(split):
-            raise ValueError(f"{manifest.uri}: {split} shards hold {self.offsets[-1]} blocks, "
-                             f"the manifest says {manifest.blocks(split)}")  # fmt: skip
+            raise BadInput(
+                f"{manifest.uri}: {split} shards hold {self.offsets[-1]} blocks, the manifest "
+                f"says {manifest.blocks(split)}: the dataset is damaged"
+            )
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -54,19 +57,33 @@ def _fetch(manifest: Manifest, shard: dict, cache_dir: Path, verify: bool) -> st
     checksum = shard["sha256"] if verify else None
     if not storage.is_s3(uri):
         path = str(storage.local_path(uri))
-        load_shard(path, checksum)
+        if not _intact(path, checksum):
+            raise BadInput(
+                f"{uri}: checksum mismatch: the dataset is damaged; rerun preprocess into a "
+                "fresh data.output"
+            )
         return path
     dataset_id = manifest.data["dataset_id"]
     local = storage.inside(Path(cache_dir) / "datasets", f"{dataset_id}/{shard['path']}", uri)
     if local.exists():
-        try:
-            load_shard(str(local), checksum)
+        if _intact(str(local), checksum):
             return str(local)
-        except ValueError:
-            log.warning("cached %s is corrupt; downloading it again", local)
-    storage.download_file(uri, local)
-    load_shard(str(local), shard["sha256"])
-    return str(local)
+        log.warning("cached %s is corrupt; downloading it again", local)
+    for attempt in (1, 2):  # a second download, in case the first was damaged on its way
+        storage.download_file(uri, local)
+        if _intact(str(local), shard["sha256"]):
+            return str(local)
+        if attempt == 1:
+            log.warning("%s: checksum mismatch after downloading it; downloading it again", uri)
+    raise BadInput(
+        f"{uri}: checksum mismatch after downloading it twice: the dataset is damaged; rerun "
+        "preprocess into a fresh data.output"
+    )
+
+
+def _intact(path: str, sha256: str | None) -> bool:
+    """Does the shard match its checksum (when given)?"""
+    return sha256 is None or storage.sha256_file(path) == sha256
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job import storage
+from job import jsonio, storage
 from job.config import Config
 from job.data.blocks import tokenizer_sha256
 from job.data.sources import resolve_inputs
@@ -142,7 +142,7 @@ class Manifest:
 
 def write_manifest(root: str, manifest: dict) -> None:
     """The dataset's commit point, written after every shard."""
-    storage.commit(storage.join(root, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    storage.commit(storage.join(root, MANIFEST), jsonio.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(root: str) -> Manifest:
@@ -156,6 +156,14 @@ def read_manifest(root: str) -> Manifest:
         raise BadInput(f"{uri}: no dataset there; run `mlmjob preprocess` first") from None
     except json.JSONDecodeError as e:
         raise BadInput(f"{uri}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{uri}: not UTF-8 text (byte offset {e.start})") from None
+    problem = _manifest_problem(data)
+    if problem:
+        raise BadInput(
+            f"{uri}: {problem}; not a manifest `mlmjob preprocess` wrote (rerun it into a "
+            "fresh data.output)"
+        )
     for split, info in (data.get("splits") or {}).items():
         for shard in info.get("shards", []):  # joined onto the dataset and the cache
             if not storage.contained(str(shard.get("path"))):
@@ -165,6 +173,50 @@ def read_manifest(root: str) -> Manifest:
                     "folder; refused"
                 )
     return Manifest(root, data)
+
+
+# What training and evaluation read from a manifest: (key, type) at the top, per split, per shard.
+_REQUIRED = (
+    ("dataset_id", str),
+    ("tokenizer", str),
+    ("tokenizer_sha256", str),
+    ("block_size", int),
+    ("dtype", str),
+    ("splits", dict),
+)
+_SPLIT_KEYS = (("blocks", int), ("shards", list))
+_SHARD_KEYS = (("path", str), ("sha256", str))
+
+
+def _manifest_problem(data) -> str | None:
+    """The first required key a manifest lacks (or holds with the wrong type), or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if problem := _missing(data, _REQUIRED, ""):
+        return problem
+    for split in ("train", "test"):
+        info = data["splits"].get(split)
+        if not isinstance(info, dict):
+            return f"no split 'splits.{split}'"
+        if problem := _missing(info, _SPLIT_KEYS, f"splits.{split}."):
+            return problem
+        for i, shard in enumerate(info["shards"]):
+            where = f"splits.{split}.shards[{i}]"
+            if not isinstance(shard, dict):
+                return f"'{where}' is not an object"
+            if problem := _missing(shard, _SHARD_KEYS, f"{where}."):
+                return problem
+    return None
+
+
+def _missing(data: dict, keys, prefix: str) -> str | None:
+    for key, kind in keys:
+        if key not in data:
+            return f"missing key '{prefix}{key}'"
+        value = data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"key '{prefix}{key}' must be {kind.__name__}, got {value!r}"
+    return None
 
 
 def load_shard(path: str, sha256: str | None = None) -> np.ndarray:

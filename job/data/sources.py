@@ -40,6 +40,7 @@ import ijson
 from job import storage
 from job.config import DataConfig, SourceConfig
 from job.errors import BadInput, TransientStorageError
+from job.log import log
 
 
 @dataclass
@@ -316,6 +317,11 @@ def open_stream(uri: str, opener=storage.open_read):
 
 def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
     with open_stream(uri, opener) as (data, f, gz):
+        if uri.endswith(".gz") and not gz and _empty(f):
+            # 0 bytes: no gzip stream in it, so no records either (an empty export, a
+            # placeholder); whatever its name says is inside (.parquet.gz too), it is empty.
+            log.warning("%s: 0 bytes, not gzip data: counted as an empty source", uri)
+            return
         if uri.removesuffix(".gz").endswith(".parquet"):
             yield from _iter_parquet(uri, data if gz else f, wants, fields)
             return
@@ -324,6 +330,15 @@ def _iter_file(uri: str, opener, wants: Wants, fields: set[str]):
             yield from _iter_json_array(uri, data, wants, gz)
         else:
             yield from _iter_json_lines(uri, data, wants)
+
+
+def _empty(f) -> bool:
+    """Whether a stream just opened has no bytes, without moving it."""
+    if hasattr(f, "peek"):
+        return not f.peek(1)
+    empty = not f.read(1)
+    f.seek(0)
+    return empty
 
 
 class _Checked(io.RawIOBase):

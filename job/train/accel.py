@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from contextlib import contextmanager
 
 from job import env, storage
 from job.config import Config
@@ -37,6 +38,8 @@ def build_accelerator(cfg: Config, universal: bool = False, tracking_dir=None):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if t.deepspeed:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+            _alone()
     kwargs = {
         "mixed_precision": "bf16" if precision == "bf16" else "no",
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -55,6 +58,27 @@ def build_accelerator(cfg: Config, universal: bool = False, tracking_dir=None):
     return Accelerator(**kwargs), precision
 
 
+def _alone() -> None:
+    """Plain `mlmjob train` (no torchrun) with DeepSpeed: DeepSpeed needs a process group
+    even for one process, so this process becomes rank 0 of 1, its rendezvous on loopback
+    (MASTER_ADDR/PORT from a pod's environment name another process's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:  # a free port (released at once; DeepSpeed binds it next)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    os.environ.update(single)
+    log.info("DeepSpeed without a launcher: one process (rank 0 of 1, rendezvous on port %d)", port)
+
+
 def load_universal(accelerator) -> None:
     """Make the DeepSpeed engine that `prepare` builds read a universal checkpoint."""
     accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
@@ -66,8 +90,19 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
         ds = json.loads(storage.read_text(t.deepspeed))
     except FileNotFoundError:
         raise BadInput(f"train.deepspeed: '{t.deepspeed}' does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"train.deepspeed: '{t.deepspeed}' is a folder, not a JSON file") from None
     except json.JSONDecodeError as e:
         raise BadInput(f"{t.deepspeed}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(
+            f"train.deepspeed: '{t.deepspeed}' is not UTF-8 text (byte offset {e.start})"
+        ) from None
+    if not isinstance(ds, dict):
+        raise BadInput(
+            f"train.deepspeed: '{t.deepspeed}' holds a JSON "
+            f"{type(ds).__name__}, not an object of DeepSpeed settings"
+        )
     ds["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
     ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     ds["train_batch_size"] = (
@@ -79,17 +114,55 @@ def deepspeed_config(cfg: Config, precision: str) -> dict:
     return ds
 
 
+class Preempted(BaseException):
+    """A SIGTERM while start-up waits for its input (Preemption.interruptible): nothing is
+    written yet, so `mlmjob train` exits 3 at once. A BaseException, as KeyboardInterrupt
+    is: no `except Exception` on the way swallows it."""
+
+
 class Preemption:
-    """SIGTERM sets a flag; ranks agree on it with an all-reduce (see `agreed`)."""
+    """SIGTERM sets a flag; ranks agree on it with an all-reduce (see `agreed`).
+
+    One per process, installed (`install`) first thing in `mlmjob train`, before the data,
+    model and accelerator are built: a SIGTERM during start-up is a preemption like any
+    other (exit 3), not a kill (143). Training checks the flag at the end of start-up and
+    every few steps; only while start-up waits for its input does it stop at once."""
+
+    _installed: Preemption | None = None
 
     def __init__(self):
         self.requested = False
+        self._interruptible = False
         signal.signal(signal.SIGTERM, self._handler)
+
+    @classmethod
+    def install(cls) -> Preemption:
+        """This process's handler: installed by the first call, returned by the others (a
+        SIGTERM received in between is kept)."""
+        if cls._installed is None:
+            cls._installed = cls()
+        return cls._installed
+
+    @contextmanager
+    def interruptible(self):
+        """While only waiting (nothing written, no other rank waiting for this one), a
+        SIGTERM, now or before, raises Preempted."""
+        self._interruptible = True
+        try:
+            if self.requested:
+                raise Preempted
+            yield
+        finally:
+            self._interruptible = False
 
     def _handler(self, signum, frame):
         if not self.requested:
-            log.warning("SIGTERM: finishing this step, then checkpointing")
+            log.warning(
+                "SIGTERM: stopping at the next safe point (a checkpoint once training runs)"
+            )
         self.requested = True
+        if self._interruptible:
+            raise Preempted
 
     def agreed(self, accelerator) -> bool:
         import torch

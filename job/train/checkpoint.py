@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import storage
+from job import jsonio, storage
 from job.errors import BadInput
 from job.log import log
 from job.train import safe_load
@@ -117,7 +117,7 @@ def save(accelerator, run_output: str, step: int, state: dict, staging: Path, ke
     local.mkdir(parents=True, exist_ok=True)
     accelerator.save_state(str(local))
     if accelerator.is_main_process:
-        (local / STATE).write_text(json.dumps(state, indent=2))
+        (local / STATE).write_text(jsonio.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     files = {}
     if accelerator.is_local_main_process:
@@ -128,7 +128,7 @@ def save(accelerator, run_output: str, step: int, state: dict, staging: Path, ke
     for part in gather_object([files]):
         merged.update(part)
     if accelerator.is_main_process:
-        storage.commit(storage.join(uri, COMMIT), json.dumps({"step": step, "files": merged}))
+        storage.commit(storage.join(uri, COMMIT), jsonio.dumps({"step": step, "files": merged}))
         prune(run_output, keep, saved=step)
     accelerator.wait_for_everyone()
     return uri

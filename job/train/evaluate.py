@@ -8,14 +8,14 @@ per-batch means.
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import sys
 from collections.abc import Callable
 
 import numpy as np
 
-from job import env, storage
+from job import env, jsonio, storage
 from job.config import Config
 from job.data import shards
 from job.data.blocks import load_tokenizer, tokenizer_sha256
@@ -74,7 +74,19 @@ def masked_lm_loss(
         totals = accelerator.reduce(totals, reduction="sum")
     loss_total, count = totals.tolist()
     eval_loss = loss_total / max(count, 1.0)
-    return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "eval_tokens": int(count)}
+    return {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_tokens": int(count)}
+
+
+# exp(709.78...) is the largest double: above it math.exp raises OverflowError.
+_MAX_LOG = math.log(sys.float_info.max)
+
+
+def perplexity(eval_loss: float) -> float:
+    """exp(eval_loss), capped at the largest double (1.8e308) where it would overflow (an
+    eval loss above 709.78: a diverged model). Capped rather than null or Infinity: every
+    reader of metrics.jsonl, summary.json and the trackers gets a number, and strict JSON
+    has no Infinity; eval_loss keeps the real figure. NaN stays NaN (callers refuse it)."""
+    return eval_loss if math.isnan(eval_loss) else math.exp(min(eval_loss, _MAX_LOG))
 
 
 def result_name(model_uri: str) -> str:
@@ -146,6 +158,11 @@ def evaluate(cfg: Config) -> int:
     bs = cfg.train.eval_batch_size or cfg.train.per_device_batch_size
     result = masked_lm_loss(acc, wrapper, len(data),
                             lambda ids: masker.batch(data, ids, EVAL_STREAM), bs)  # fmt: skip
+    if not math.isfinite(result["eval_loss"]):  # all-reduced: every rank raises
+        raise BadInput(
+            f"infer.model: '{uri}' gives eval loss {result['eval_loss']} on the test split of "
+            f"{manifest.uri}: its weights or outputs are not finite"
+        )
     if acc.is_main_process:
         _report(cfg, uri, manifest, result, acc.num_processes, precision)
     acc.wait_for_everyone()
@@ -159,7 +176,7 @@ def _report(cfg: Config, uri: str, manifest, result: dict, world: int, precision
               **result, "eval_blocks": manifest.blocks("test"), "seed": cfg.run.seed,
               "mlm_probability": cfg.train.mlm_probability, "world_size": world,
               "precision": precision}  # fmt: skip
-    storage.write_text(out, json.dumps(record, indent=2) + "\n")
+    storage.write_text(out, jsonio.dumps(record, indent=2) + "\n")
     log.info("wrote %s", out)
     ppl, loss, n = result["perplexity"], result["eval_loss"], result["eval_tokens"]
     ds = manifest.data["dataset_id"]

@@ -9,21 +9,21 @@ committed checkpoint left it, on the same or another number of processes.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
-from job import env, lease, storage
+from job import env, jsonio, launch, lease, storage
 from job.config import Config, dump_yaml
 from job.data.blocks import load_tokenizer
 from job.data.loader import BlockData, batch_ids, epoch_order
 from job.errors import EXIT_OK, EXIT_PREEMPTED, BadInput
 from job.log import bar, log
 from job.train import checkpoint
-from job.train.accel import Preemption, build_accelerator, load_universal
+from job.train.accel import Preempted, Preemption, build_accelerator, load_universal
 from job.train.batch import MaskedBatch, Masker
 from job.train.evaluate import dataset_manifest, masked_lm_loss
 from job.train.masking import EVAL_STREAM
@@ -32,7 +32,7 @@ from job.train.model import SparseMLM, compile_layers, load_model
 from job.train.optim import build_optimizer, count_parameters
 from job.train.prefetch import Prefetcher
 from job.train.schedule import Schedule
-from job.train.state import TrainState
+from job.train.state import LossWindow, TrainState
 from job.train.summary import device_name, mfu
 from job.train.tracking import Tracking, tensorboard_dir
 
@@ -65,11 +65,13 @@ class Trainer:
         import torch
 
         self.cfg = cfg
+        self.preemption = Preemption.install()  # train() did: a SIGTERM from then on is kept
         t = cfg.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-        self.manifest = self._manifest()
+        with self.preemption.interruptible():  # may wait for preprocessing (a read loop)
+            self.manifest = self._manifest()
         self.block = self.manifest.block_size
         run_key = hashlib.sha256(cfg.run.output.encode()).hexdigest()[:16]
         self.staging = cfg.cache_dir / "staging" / run_key
@@ -216,7 +218,11 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        if self._stopped_in_startup():
+            return EXIT_PREEMPTED
         self.initial_eval()
+        if self._stopped_in_startup():
+            return EXIT_PREEMPTED
         self._begin()
         while not self.finished():
             if self.iteration():
@@ -236,6 +242,12 @@ class Trainer:
         if self.eval_data is None or st.step > 0 or st.initial_eval is not None:
             return
         st.initial_eval = self.evaluate()
+        loss = st.initial_eval["eval_loss"]  # the same on every rank
+        if not math.isfinite(loss):
+            name = self.cfg.model.name_or_path
+            raise BadInput(
+                f"eval loss is {loss} before the first step: {name} gives no finite loss"
+            )
         log.info("before training: eval loss %.4f, perplexity %.3f",
                  st.initial_eval["eval_loss"], st.initial_eval["perplexity"])  # fmt: skip
 
@@ -258,24 +270,20 @@ class Trainer:
         return self.schedule.finished(st.samples_seen, st.epoch, st.sample, self.global_batch)
 
     def _begin(self) -> None:
-        import torch
-
         cfg, st, acc = self.cfg, self.state, self.accelerator
         out = cfg.run.output
         if not self.restored and acc.is_main_process:
             storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
         resume_step = st.step if self.restored else None
         self.metrics = Metrics(out, resume_step) if acc.is_main_process else None
-        self.preemption = Preemption()
         self.tracking = Tracking(acc, out, self.tb_dir)
         if cfg.train.report_to:
             st.tracker_runs = self.tracking.start(cfg, cfg.train.report_to, st.tracker_runs)
         self.saved_at = resume_step
+        self.saved_uri = self.restored.uri if self.restored else None
         if not self.finished():
             self.maybe_next_epoch()  # resumed with a larger batch than the epoch has left
-        # Loss sums stay on the device between log steps: no host sync in a plain step.
-        self.window_loss = torch.tensor(st.window_loss, dtype=torch.float64, device=acc.device)
-        self.window_tokens = st.window_tokens
+        self.window = LossWindow.restored(st, acc.device, self.rank)
         self.prefetch = Prefetcher(self._step_batches)
         s = self.schedule
         left = max(0, s.total_samples - st.samples_seen) // self.global_batch
@@ -306,8 +314,7 @@ class Trainer:
                     acc.clip_grad_norm_(self.wrapper.parameters(), t.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.window_loss += loss_sum.detach().double()
-            self.window_tokens += batch.n
+            self.window.add(loss_sum, batch.n)
         st.step += 1
         st.sample += self.global_batch
         st.samples_seen += self.global_batch
@@ -321,13 +328,13 @@ class Trainer:
         st, t = self.state, self.cfg.train
         if not should_log(st.step, t.log_every_steps, last):
             return
-        loss_sum, tokens = self._sum_across_ranks(self.window_loss.item(), self.window_tokens)
-        self.window_loss.zero_()
-        self.window_tokens = 0
+        loss_sum, tokens = self.window.total(self._sum_across_ranks)
+        self.window.reset()
         window_steps = (st.step - 1) % t.log_every_steps + 1
         rate = window_steps * self.global_batch * self.block / max(st.window_seconds, 1e-9)
         st.window_seconds = 0.0
         loss = loss_sum / max(tokens, 1.0)
+        self._stop_if_diverged(loss, "train loss")
         self.progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if self.metrics:
             self.metrics.log({"event": "train", "step": st.step, "epoch": st.epoch,
@@ -358,6 +365,7 @@ class Trainer:
             return
         st = self.state
         result = self.evaluate()
+        self._stop_if_diverged(result["eval_loss"], "eval loss")
         st.last_eval = {**result, "step": st.step}
         if self.metrics:
             self.metrics.log({"event": "eval", "step": st.step, "epoch": st.epoch, **result})
@@ -378,19 +386,52 @@ class Trainer:
         if self.saved_at == st.step:
             return
         self.saved_at = st.step
-        st.window_loss, st.window_tokens = self.window_loss.item(), self.window_tokens
+        st.window_loss, st.window_tokens = self.window.total(self._sum_across_ranks)
+        self._stop_if_diverged(st.window_loss, "train loss")  # steps since the last log
         st.wall_seconds = self.wall_before + time.perf_counter() - self.start
         if self.metrics:
             self.metrics.flush()
             self.tracking.sync()
-        checkpoint.save(self.accelerator, self.cfg.run.output, st.step, st.state_dict(),
-                        self.staging, t.keep_checkpoints)  # fmt: skip
+        acc, out = self.accelerator, self.cfg.run.output
+        state, keep = st.state_dict(), t.keep_checkpoints
+        self.saved_uri = checkpoint.save(acc, out, st.step, state, self.staging, keep)
+
+    def _stop_if_diverged(self, value: float, what: str) -> None:
+        """Exit 2 on a NaN or infinite loss, before it is logged or checkpointed. Callers
+        pass a value reduced across ranks, so every rank stops here together (no hang)."""
+        if math.isfinite(value):
+            return
+        st = self.state
+        first = st.step - (st.step - 1) % self.cfg.train.log_every_steps
+        mean = ""
+        if what == "train loss" and first < st.step:  # the mean since the last log step
+            mean = f" (the mean of steps {first}-{st.step})"
+        if self.metrics:
+            self.metrics.flush()  # the finite events before it
+        last = getattr(self, "saved_uri", None)  # the newest committed checkpoint
+        raise BadInput(
+            f"{what} is {value} at step {st.step}{mean}: training diverged (lower "
+            f"train.learning_rate or raise train.warmup_steps); last good checkpoint: "
+            f"{last or 'none yet'}"
+        )
+
+    def _stopped_in_startup(self) -> bool:
+        """A SIGTERM before the first step (the ranks agree on it): stop with nothing to
+        checkpoint. A resubmission starts over, or continues from the checkpoint this run
+        resumed from, exactly as this one would have."""
+        if not self.preemption.agreed(self.accelerator):
+            return False
+        again = f"continues from {self.restored.uri}" if self.restored else "starts over"
+        _startup_preempted(f"nothing to checkpoint yet (a resubmission {again})")
+        self.accelerator.end_training()
+        return True
 
     def _preempted(self) -> int:
         self.save_checkpoint()
         self.prefetch.close()
-        log.warning("preempted at step %d: checkpoint committed, exiting %d", self.state.step,
-                    EXIT_PREEMPTED)  # fmt: skip
+        done = f"preempted at step {self.state.step}: checkpoint committed ({self.saved_uri})"
+        log.warning("%s, exiting %d", done, EXIT_PREEMPTED)
+        launch.explain(f"mlmjob: {done}; exit {EXIT_PREEMPTED}")  # job.launch's last line
         self.tracking.finish()
         self.accelerator.end_training()
         return EXIT_PREEMPTED
@@ -425,7 +466,7 @@ class Trainer:
                    if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
         self.tracking.log(figures, self.state.step)
         out = self.cfg.run.output
-        files = {"summary.json": (json.dumps(summary, indent=2) + "\n").encode()}
+        files = {"summary.json": (jsonio.dumps(summary, indent=2) + "\n").encode()}
         if storage.exists(storage.join(out, "loss.png")):
             files["loss.png"] = storage.read_bytes(storage.join(out, "loss.png"))
         self.tracking.artifacts(files)
@@ -481,12 +522,25 @@ class Trainer:
 
 def train(cfg: Config) -> int:
     """`mlmjob train`: rank 0 holds the lease on `run.output` throughout (the others
-    write only into checkpoint folders that rank 0 commits, fenced, or not at all)."""
-    if env.rank() != 0:
-        return _train(cfg)
-    run = cfg.run
-    with lease.hold(run.output, run.lease_wait_seconds, run.lease_ttl_seconds, "run.output"):
-        return _train(cfg)
+    write only into checkpoint folders that rank 0 commits, fenced, or not at all).
+
+    A SIGTERM from here on is a preemption (exit 3), during start-up too (Preemption)."""
+    Preemption.install()
+    try:
+        if env.rank() != 0:
+            return _train(cfg)
+        run = cfg.run
+        with lease.hold(run.output, run.lease_wait_seconds, run.lease_ttl_seconds, "run.output"):
+            return _train(cfg)
+    except Preempted:  # while waiting for the dataset: nothing written yet
+        _startup_preempted("while waiting for the dataset, nothing written")
+        return EXIT_PREEMPTED
+
+
+def _startup_preempted(how: str) -> None:
+    done = f"preempted during start-up, before the first step: {how}"
+    log.warning("%s, exiting %d", done, EXIT_PREEMPTED)
+    launch.explain(f"mlmjob: {done}; exit {EXIT_PREEMPTED}")  # job.launch's last line
 
 
 def _train(cfg: Config) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 
-from job import storage
+from job import jsonio, storage
 
 
 class Metrics:
@@ -38,11 +38,11 @@ class Metrics:
             return
         storage.fenced(self.uri)  # appending bypasses storage's writes: fence it here
         with open(storage.local_path(self.uri), "a") as f:
-            f.write("".join(json.dumps(e) + "\n" for e in self.events[self.written :]))
+            f.write("".join(jsonio.dumps(e) + "\n" for e in self.events[self.written :]))
         self.written = len(self.events)
 
     def _rewrite(self) -> None:
-        storage.write_text(self.uri, "".join(json.dumps(e) + "\n" for e in self.events))
+        storage.write_text(self.uri, "".join(jsonio.dumps(e) + "\n" for e in self.events))
         self.written = len(self.events)
 
     def plot(self) -> None:
@@ -87,4 +87,4 @@ def _parse(lines: list[str]) -> list[dict]:
 
 
 def write_summary(run_output: str, summary: dict) -> None:
-    storage.commit(storage.join(run_output, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.commit(storage.join(run_output, "summary.json"), jsonio.dumps(summary, indent=2) + "\n")

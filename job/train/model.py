@@ -10,6 +10,7 @@ layer attends from the masked positions only (keys and values still cover every 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Mo
 
     config = model_config(cfg, tok, cache_dir, block_size)
     if cfg.from_scratch:
-        return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+        return from_config(config)
     key, cache = "model.name_or_path", cache_dir / "models"
     return load_pretrained(AutoModelForMaskedLM, cfg.name_or_path, cache, key, config=config,
                            attn_implementation="sdpa")  # fmt: skip
@@ -35,6 +36,7 @@ def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Mo
 def model_config(cfg: ModelConfig, tok, cache_dir: Path, block_size: int):
     """The model's config as training builds it, with the overrides applied and checked
     against the tokenizer and the block size; reads config.json only, no weights."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, RobertaConfig
 
     source = config_source(cfg.name_or_path, cache_dir / "configs")
@@ -51,10 +53,32 @@ def model_config(cfg: ModelConfig, tok, cache_dir: Path, block_size: int):
     for key, value in cfg.config_overrides.items():
         if not hasattr(config, key):
             raise BadInput(f"model.config_overrides: unknown key '{key}' for {config.model_type}")
-        setattr(config, key, value)
+        try:  # transformers' configs are strict dataclasses: a wrong type is refused here
+            setattr(config, key, value)
+        except (StrictDataclassError, TypeError, ValueError) as e:
+            why = " ".join(str(e.__cause__ or e).split())
+            raise BadInput(
+                f"model.config_overrides.{key}: {value!r} is refused by the "
+                f"{config.model_type} config: {why}"
+            ) from None
     _fit(config, tok, block_size, cfg.from_scratch)
     config._attn_implementation = "sdpa"
     return config
+
+
+def from_config(config, meta: bool = False) -> nn.Module:
+    """A model with random weights (on the meta device, no memory, when `meta`: a preflight's
+    check that the config's values fit together, e.g. the heads divide the hidden size)."""
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        with torch.device("meta") if meta else nullcontext():
+            return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    except ValueError as e:
+        why = " ".join(str(e).split())
+        raise BadInput(
+            f"model.config_overrides: cannot build the {config.model_type} model: {why}"
+        ) from None
 
 
 def _fit(config, tok, block_size: int, from_scratch: bool) -> None:
