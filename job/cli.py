@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from job import env, launch, orphan, redact, storage
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     orphan.exit_with_parent()
+    _take_sigterm(args.command)
     try:
         code = _run(args)
     except (BadInput, StorageError) as e:
@@ -82,6 +84,17 @@ OUTPUT_KEY = {
     "infer": "infer.output",
     "evaluate": "run.output",
 }
+
+
+def _take_sigterm(command: str) -> None:
+    """`train` handles SIGTERM as a preemption from now on (before torch is imported);
+    then SIGTERM is unblocked (job.launch starts workers with it blocked, so that one sent
+    in their first seconds waits for this point instead of killing them)."""
+    if command == "train":
+        from job.train.accel import Preemption
+
+        Preemption.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _run(args) -> int:

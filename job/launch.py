@@ -31,6 +31,7 @@ stderr directly, live, a terminal's progress bar included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from job import redact
@@ -205,14 +208,35 @@ def agent(torchrun_args: list[str]) -> int:
     return EXIT_OK
 
 
-def _signal_workers(pid: int, sig: int) -> None:
-    import psutil
+class _Forwarder:
+    """SIGTERM to every worker, also to those torchrun starts after the signal came (a
+    SIGTERM in the first seconds of a pod), each once."""
 
-    try:
-        for child in psutil.Process(pid).children(recursive=True):
-            child.send_signal(sig)
-    except psutil.NoSuchProcess:
-        pass
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.started = False
+
+    def on_sigterm(self, signum, frame) -> None:
+        if not self.started:
+            self.started = True
+            threading.Thread(target=self._forward, name="sigterm", daemon=True).start()
+
+    def _forward(self) -> None:
+        import psutil
+
+        done: set[int] = set()
+        while self.proc is None or self.proc.poll() is None:
+            if self.proc is not None:
+                try:
+                    workers = psutil.Process(self.proc.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    return
+                for worker in workers:
+                    if worker.pid not in done:
+                        done.add(worker.pid)
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            worker.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,12 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="mlmjob-exit-") as exit_dir:
         env = {**os.environ, "MLMJOB_EXIT_DIR": exit_dir}
-        proc = subprocess.Popen(agent_command(torchrun_command(args, env)), env=env)
-
-        def on_sigterm(signum, frame):
-            _signal_workers(proc.pid, signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
+        forward = _Forwarder()
+        signal.signal(signal.SIGTERM, forward.on_sigterm)
+        # Children start with SIGTERM blocked: one that arrives before a worker has its
+        # handler (importing torch takes seconds) waits, pending, until job.cli unblocks it
+        # with the handler in place; torchrun's agent keeps it blocked (this launcher, not
+        # torchrun, decides what a SIGTERM means).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            proc = subprocess.Popen(agent_command(torchrun_command(args, env)), env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        forward.proc = proc
         code, lines = _outcome(proc.wait(), exit_dir)
     for line in lines:  # the last lines of the log: why the pod stopped
         print(line, file=sys.stderr, flush=True)

@@ -78,10 +78,11 @@ def place(request, tmp_path) -> Place:
 
 
 def config(tmp_path: Path, place: Place, extra: str = "") -> Path:
+    shards = "" if "shard_blocks" in extra else "  shard_blocks: 4\n"  # no duplicate key
     return write_config(
         tmp_path / "c.yaml",
         f"data:\n  sources: ['{place.uri('in/eli5.jsonl')}']\n  output: '{place.uri('data')}'\n"
-        f"  shard_blocks: 4\n{extra}model:\n  name_or_path: '{DEMO_TOKENIZER}'\n",
+        f"{shards}{extra}model:\n  name_or_path: '{DEMO_TOKENIZER}'\n",
     )
 
 

@@ -63,10 +63,11 @@ def write_input(folder: Path, fmt: str, records: list[dict]) -> Path:
 
 
 def config(tmp_path: Path, source: str, out: Path, extra: str = "") -> Path:
+    bad = "" if "max_bad_fraction" in extra else "  max_bad_fraction: 0.01\n"  # no duplicate
     return write_config(
         tmp_path / f"c-{out.name}.yaml",
         f"data:\n  sources: [{source}]\n  output: '{out}'\n  shard_blocks: 50\n"
-        f"  max_bad_fraction: 0.01\n{extra}model:\n  name_or_path: '{DEMO_TOKENIZER}'\n",
+        f"{bad}{extra}model:\n  name_or_path: '{DEMO_TOKENIZER}'\n",
     )
 
 

@@ -74,8 +74,8 @@ def from_config(config, meta: bool = False) -> nn.Module:
     try:
         with torch.device("meta") if meta else nullcontext():
             return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
-    except ValueError as e:
-        why = " ".join(str(e).split())
+    except (ValueError, TypeError) as e:  # values that do not fit together, or a wrong type
+        why = " ".join(str(e).split())  # (a config class that does not check its types)
         raise BadInput(
             f"model.config_overrides: cannot build the {config.model_type} model: {why}"
         ) from None
