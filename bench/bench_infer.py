@@ -46,10 +46,16 @@ def run() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tok = AutoTokenizer.from_pretrained(TOKENIZER)
         torch.manual_seed(0)
-        model = RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=256,
-                                                 num_hidden_layers=4, num_attention_heads=4,
-                                                 intermediate_size=1024,
-                                                 max_position_embeddings=514))  # fmt: skip
+        model = RobertaForMaskedLM(
+            RobertaConfig(
+                vocab_size=len(tok),
+                hidden_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=1024,
+                max_position_embeddings=514,
+            )
+        )
         model.save_pretrained(f"{tmp}/model")
         tok.save_pretrained(f"{tmp}/model")
         Path(tmp, "lines.txt").write_text("\n".join(lines) + "\n")
@@ -61,13 +67,23 @@ def run() -> dict:
         pipeline_s = time.perf_counter() - start
 
         cfg = Path(tmp, "c.yaml")
-        cfg.write_text(f"infer: {{model: '{tmp}/model', inputs: ['{tmp}/lines.txt'], "
-                       f"output: '{tmp}/out', top_k: 3, batch_size: 64}}\n")  # fmt: skip
+        cfg.write_text(
+            f"infer: {{model: '{tmp}/model', inputs: ['{tmp}/lines.txt'], "
+            f"output: '{tmp}/out', top_k: 3, batch_size: 64}}\n"
+        )
         env = {**os.environ, "MLMJOB_NO_PROGRESS": "1"}
-        code = ("import json, sys; from job.config import load_config; from job.infer import infer;"
-                "print(json.dumps(infer(load_config(sys.argv[1]))))")  # fmt: skip
-        proc = subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=ROOT, env=env,
-                              check=True, capture_output=True, text=True)  # fmt: skip
+        code = (
+            "import json, sys; from job.config import load_config; from job.infer import infer;"
+            "print(json.dumps(infer(load_config(sys.argv[1]))))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(cfg)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         stats = json.loads(proc.stdout.strip().splitlines()[-1])
     ours = stats["lines"] / stats["process_seconds"]  # model loading excluded, as for the pipeline
     theirs = len(lines) / pipeline_s

@@ -53,9 +53,15 @@ def tiny_model(folder: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=514, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=514,
+        pad_token_id=tok.pad_token_id,
+    )
     RobertaForMaskedLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
 
@@ -71,8 +77,9 @@ def measure(workdir: Path, source: Path, args: list[str], pythonpath: str | None
     env = {**os.environ, "MLMJOB_NO_PROGRESS": "1", "PYTHONPATH": pythonpath or str(ROOT)}
     cmd = [sys.executable, "-m", "job", "infer", "-c", str(cfg), *args]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], env=env, cwd=workdir,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *cmd], env=env, cwd=workdir, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     peak_kb, rc = proc.stdout.split()[-2:]
     done = _DONE.search(proc.stderr)
@@ -80,8 +87,12 @@ def measure(workdir: Path, source: Path, args: list[str], pythonpath: str | None
         raise RuntimeError(f"infer failed on {source}:\n{proc.stderr[-3000:]}")
     written = sum(p.read_bytes().count(b"\n") for p in out.glob("part-*.jsonl"))
     assert written == int(done[3]), (written, done[0])
-    return {"input_mb": round(source.stat().st_size / 2**20, 1), "lines_inferred": written,
-            "peak_rss_mb": round(int(peak_kb) / 1024), "seconds": round(seconds, 1)}  # fmt: skip
+    return {
+        "input_mb": round(source.stat().st_size / 2**20, 1),
+        "lines_inferred": written,
+        "peak_rss_mb": round(int(peak_kb) / 1024),
+        "seconds": round(seconds, 1),
+    }
 
 
 def run() -> dict:
@@ -100,8 +111,14 @@ def run() -> dict:
             avg = sum(len(f"{i}: {line}\n".encode()) for i, line in enumerate(base)) / len(base)
             parts = max(1, round(size / avg / PER_PART))
             write_input(source, base, parts * PER_PART)
-            args = ["--set", f"infer.lines_per_part={PER_PART}",
-                    "--worker-index", str(parts - 1), "--num-workers", str(parts)]  # fmt: skip
+            args = [
+                "--set",
+                f"infer.lines_per_part={PER_PART}",
+                "--worker-index",
+                str(parts - 1),
+                "--num-workers",
+                str(parts),
+            ]
             result[name] = {"parts": parts, **measure(workdir, source, args, pythonpath)}
             print(f"bench infer memory: {name}: {result[name]}", file=sys.stderr)
         source.unlink()

@@ -93,8 +93,9 @@ def measure(source: Path, workdir: Path, pythonpath: str | None = None) -> dict:
     env["PYTHONPATH"] = pythonpath or str(ROOT)
     cmd = [sys.executable, "-m", "job", "preprocess", "-c", str(cfg)]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], env=env, cwd=workdir,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *cmd], env=env, cwd=workdir, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     peak_kb, rc = proc.stdout.split()[-2:]
     if rc != "0":

@@ -51,8 +51,12 @@ def bench_mlmjob(path: Path, out: Path) -> dict:
     splits = read_manifest(root).data["splits"]
     tokens = sum(s["tokens"] for s in splits.values())
     blocks = sum(s["blocks"] for s in splits.values())
-    return {"tokens": tokens, "blocks": blocks, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "blocks": blocks,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds),
+    }
 
 
 def bench_tutorial(records: list[dict]) -> dict:
@@ -79,14 +83,19 @@ def bench_tutorial(records: list[dict]) -> dict:
             for k, t in concatenated.items()
         }
 
-    tokenized = eli5.map(preprocess_function, batched=True, num_proc=2,
-                         remove_columns=eli5["train"].column_names)  # fmt: skip
+    tokenized = eli5.map(
+        preprocess_function, batched=True, num_proc=2, remove_columns=eli5["train"].column_names
+    )
     tokens = sum(len(x) for split in tokenized.values() for x in split["input_ids"])
     lm = tokenized.map(group_texts, batched=True, num_proc=2)
     seconds = time.perf_counter() - start
     blocks = sum(len(split) for split in lm.values())
-    return {"tokens": tokens, "blocks": blocks, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "blocks": blocks,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds),
+    }
 
 
 def run() -> dict:

@@ -20,8 +20,12 @@ from pathlib import Path
 from common import ELI5, ROOT, TOKENIZER
 
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "100"))
-MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "intermediate_size": 1024}  # fmt: skip
+MODEL = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+}
 LR, WARMUP, BATCH = 5e-4, 6, 8
 
 CONFIG = """
@@ -53,26 +57,38 @@ def _trainer_baseline(dataset_dir: str, out: str) -> None:
         AutoTokenizer,
         DataCollatorForLanguageModeling,
         RobertaConfig,
-        RobertaForMaskedLM,  # fmt: skip
+        RobertaForMaskedLM,
         Trainer,
         TrainingArguments,
     )
 
     manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
-    blocks = np.concatenate([np.load(Path(dataset_dir) / s["path"])
-                             for s in manifest["splits"]["train"]["shards"]])  # fmt: skip
+    blocks = np.concatenate(
+        [np.load(Path(dataset_dir) / s["path"]) for s in manifest["splits"]["train"]["shards"]]
+    )
     train = datasets.Dataset.from_dict({"input_ids": blocks.astype(np.int64).tolist()})
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(42)
-    config = RobertaConfig(vocab_size=len(tok), max_position_embeddings=130,
-                           pad_token_id=tok.pad_token_id, **MODEL)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(tok), max_position_embeddings=130, pad_token_id=tok.pad_token_id, **MODEL
+    )
     model = RobertaForMaskedLM(config)
     args = TrainingArguments(
-        output_dir=out, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR,
-        weight_decay=0.01, warmup_steps=WARMUP, lr_scheduler_type="linear", logging_steps=10,
-        save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=42,
+        output_dir=out,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        weight_decay=0.01,
+        warmup_steps=WARMUP,
+        lr_scheduler_type="linear",
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=42,
         disable_tqdm=True,
-    )  # fmt: skip
+    )
     collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm_probability=0.15)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     start = time.perf_counter()
@@ -80,10 +96,16 @@ def _trainer_baseline(dataset_dir: str, out: str) -> None:
     seconds = time.perf_counter() - start
     trainer.save_model(str(Path(out) / "model"))
     tokens = STEPS * BATCH * 128
-    Path(out, "result.json").write_text(json.dumps({
-        "steps": STEPS, "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 1), "train_loss": result.training_loss,
-    }))  # fmt: skip
+    Path(out, "result.json").write_text(
+        json.dumps(
+            {
+                "steps": STEPS,
+                "train_seconds": round(seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "train_loss": result.training_loss,
+            }
+        )
+    )
 
 
 def eval_perplexity(model_dir: str, dataset_dir: str) -> float:
@@ -97,8 +119,9 @@ def eval_perplexity(model_dir: str, dataset_dir: str) -> float:
     from job.train.model import SparseMLM
 
     manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
-    blocks = np.concatenate([np.load(Path(dataset_dir) / s["path"])
-                             for s in manifest["splits"]["test"]["shards"]])  # fmt: skip
+    blocks = np.concatenate(
+        [np.load(Path(dataset_dir) / s["path"]) for s in manifest["splits"]["test"]["shards"]]
+    )
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     model = SparseMLM(AutoModelForMaskedLM.from_pretrained(model_dir)).eval()
     special = np.asarray(sorted(tok.all_special_ids))
@@ -106,9 +129,15 @@ def eval_perplexity(model_dir: str, dataset_dir: str) -> float:
     with torch.inference_mode():
         for i in range(0, len(blocks), 32):
             ids = np.arange(i, min(i + 32, len(blocks)))
-            inputs, labels = mask_tokens(blocks[ids], ids, seed=42, stream=EVAL_STREAM,
-                                         special_ids=special, mask_id=tok.mask_token_id,
-                                         vocab_size=len(tok))  # fmt: skip
+            inputs, labels = mask_tokens(
+                blocks[ids],
+                ids,
+                seed=42,
+                stream=EVAL_STREAM,
+                special_ids=special,
+                mask_id=tok.mask_token_id,
+                vocab_size=len(tok),
+            )
             batch = MaskedBatch.build(inputs, labels)
             total += float(model(*batch.tensors()))
             count += batch.n
@@ -119,29 +148,57 @@ def run() -> dict:
     env = {**os.environ, "MLMJOB_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.yaml"
-        cfg.write_text(CONFIG.format(run=f"{tmp}/run", eli5=ELI5, data=f"{tmp}/data", tok=TOKENIZER,
-                                     model=json.dumps(MODEL), steps=STEPS, batch=BATCH, lr=LR,
-                                     warmup=WARMUP))  # fmt: skip
+        cfg.write_text(
+            CONFIG.format(
+                run=f"{tmp}/run",
+                eli5=ELI5,
+                data=f"{tmp}/data",
+                tok=TOKENIZER,
+                model=json.dumps(MODEL),
+                steps=STEPS,
+                batch=BATCH,
+                lr=LR,
+                warmup=WARMUP,
+            )
+        )
         job = [sys.executable, "-m", "job"]
-        dataset = subprocess.run([*job, "preprocess", "-c", cfg], env=env, cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
-        subprocess.run([*job, "train", "-c", cfg], env=env, cwd=ROOT, check=True,
-                       capture_output=True)  # fmt: skip
+        dataset = subprocess.run(
+            [*job, "preprocess", "-c", cfg],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        subprocess.run(
+            [*job, "train", "-c", cfg], env=env, cwd=ROOT, check=True, capture_output=True
+        )
         ours = json.loads(Path(tmp, "run", "summary.json").read_text())
         code = f"import bench_train; bench_train._trainer_baseline({dataset!r}, {tmp + '/hf'!r})"
-        subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent,
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=Path(__file__).parent,
+            check=True,
+            capture_output=True,
+        )
         hf = json.loads(Path(tmp, "hf", "result.json").read_text())
         ppl_ours = eval_perplexity(f"{tmp}/run/model", dataset)
         ppl_hf = eval_perplexity(f"{tmp}/hf/model", dataset)
     return {
         "model": {**MODEL, "vocab_size": 50265, "batch": f"{BATCH} x 128", "steps": STEPS},
-        "mlmjob": {"tokens_per_s": ours["tokens_per_second"],
-                   "train_seconds": ours["train_seconds"], "eval_perplexity": round(ppl_ours, 2),
-                   "input_hidden_fraction": ours["input_hidden_fraction"],
-                   "input_wait_seconds": ours["input_wait_seconds"]},
-        "trainer": {"tokens_per_s": hf["tokens_per_s"], "train_seconds": hf["train_seconds"],
-                    "eval_perplexity": round(ppl_hf, 2)},
+        "mlmjob": {
+            "tokens_per_s": ours["tokens_per_second"],
+            "train_seconds": ours["train_seconds"],
+            "eval_perplexity": round(ppl_ours, 2),
+            "input_hidden_fraction": ours["input_hidden_fraction"],
+            "input_wait_seconds": ours["input_wait_seconds"],
+        },
+        "trainer": {
+            "tokens_per_s": hf["tokens_per_s"],
+            "train_seconds": hf["train_seconds"],
+            "eval_perplexity": round(ppl_hf, 2),
+        },
         "speedup": round(ours["tokens_per_second"] / hf["tokens_per_s"], 2),
         "perplexity_ratio": round(ppl_ours / ppl_hf, 4),
-    }  # fmt: skip
+    }

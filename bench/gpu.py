@@ -48,11 +48,21 @@ from job.train.masking import EVAL_STREAM, mask_tokens  # noqa: E402
 from job.train.model import SparseMLM, flops_per_token  # noqa: E402
 from job.train.summary import peak_flops  # noqa: E402
 
-DISTILROBERTA = {"vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 6,
-                 "num_attention_heads": 12, "intermediate_size": 3072,
-                 "max_position_embeddings": 514, "type_vocab_size": 1}  # fmt: skip
-SMOKE_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "intermediate_size": 256}  # fmt: skip
+DISTILROBERTA = {
+    "vocab_size": 50265,
+    "hidden_size": 768,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 514,
+    "type_vocab_size": 1,
+}
+SMOKE_MODEL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 256,
+}
 SEQ, SEED, LR, WEIGHT_DECAY, MLM_PROBABILITY = 128, 42, 1e-4, 0.01, 0.15
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
 
@@ -97,8 +107,12 @@ METHODS = {
 def model_config(args):
     from transformers import RobertaConfig
 
-    config = RobertaConfig(**{**DISTILROBERTA, **(SMOKE_MODEL if args.smoke else {})},
-                           pad_token_id=1, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    config = RobertaConfig(
+        **{**DISTILROBERTA, **(SMOKE_MODEL if args.smoke else {})},
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     config._attn_implementation = "sdpa"
     return config
 
@@ -124,10 +138,15 @@ def random_blocks(n: int, seed: int, tok) -> np.ndarray:
 
 def masked_batch(tok, blocks: np.ndarray, sample_ids: np.ndarray, stream: int) -> MaskedBatch:
     inputs, labels = mask_tokens(
-        blocks[sample_ids], sample_ids, seed=SEED, stream=stream,
-        special_ids=np.asarray(sorted(tok.all_special_ids)), mask_id=tok.mask_token_id,
-        vocab_size=len(tok), probability=MLM_PROBABILITY,
-    )  # fmt: skip
+        blocks[sample_ids],
+        sample_ids,
+        seed=SEED,
+        stream=stream,
+        special_ids=np.asarray(sorted(tok.all_special_ids)),
+        mask_id=tok.mask_token_id,
+        vocab_size=len(tok),
+        probability=MLM_PROBABILITY,
+    )
     return MaskedBatch.build(inputs, labels)
 
 
@@ -217,8 +236,11 @@ def heldout_eval(args, tok, model, device: torch.device) -> dict:
             total += wrapper(*batch.to(device).tensors()).double()
             count += batch.n
     loss = total.item() / count
-    return {"eval_loss": round(loss, 4), "eval_perplexity": round(math.exp(loss), 1),
-            "eval_masked_tokens": count}  # fmt: skip
+    return {
+        "eval_loss": round(loss, 4),
+        "eval_perplexity": round(math.exp(loss), 1),
+        "eval_masked_tokens": count,
+    }
 
 
 # ---- mlmjob's step -----------------------------------------------------------------------
@@ -297,10 +319,13 @@ def run_mlmjob(args, tok, deepspeed: Path | None = None) -> dict:
     steps.prefetch.close()
     tps = phases.result["tokens_per_s_per_gpu"]
     loss = steps.window_loss.item() / max(1, steps.window_tokens)  # the one sync, at the end
-    out = {**phases.result, "precision": precision,
-           "mfu": mfu(args, tps, MLM_PROBABILITY, acc.device),
-           "prefetch_hidden_fraction": round(steps.prefetch.stats.hidden_fraction, 3),
-           "train_loss": round(loss, 4)}  # fmt: skip
+    out = {
+        **phases.result,
+        "precision": precision,
+        "mfu": mfu(args, tps, MLM_PROBABILITY, acc.device),
+        "prefetch_hidden_fraction": round(steps.prefetch.stats.hidden_fraction, 3),
+        "train_loss": round(loss, 4),
+    }
     if deepspeed is None:
         out.update(heldout_eval(args, tok, acc.unwrap_model(wrapper).model, acc.device))
     return out
@@ -311,8 +336,14 @@ def run_zero2(args, tok) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}  # fmt: skip
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+    }
     os.environ.update(env)
     result = run_mlmjob(args, tok, deepspeed=ZERO2)
     return {**result, "deepspeed_config": str(ZERO2.relative_to(ROOT))}
@@ -320,10 +351,12 @@ def run_zero2(args, tok) -> dict:
 
 # ---- inference ---------------------------------------------------------------------------
 
-WORDS = ("the a of and to in is that it for on with as was by people water because light "
-         "energy small large different system body time when they can make would like more "
-         "other than what about which heat cells earth money work power sound years made "
-         "space air reason much some very")  # fmt: skip
+WORDS = (
+    "the a of and to in is that it for on with as was by people water because light "
+    "energy small large different system body time when they can make would like more "
+    "other than what about which heat cells earth money work power sound years made "
+    "space air reason much some very"
+)
 
 
 def make_lines(n: int) -> list[str]:
@@ -380,21 +413,26 @@ def run_infer(args, tok) -> dict:
         lines_file = Path(tmp, "lines.txt")
         lines_file.write_text("\n".join(lines) + "\n")
         out = {
-            "lines": len(lines), "masks": sum(line.count("<mask>") for line in lines),
-            "top_k": 5, "batch_size": 64,
+            "lines": len(lines),
+            "masks": sum(line.count("<mask>") for line in lines),
+            "top_k": 5,
+            "batch_size": 64,
             "mlmjob_fillmask_bf16": time_fillmask(model_dir, lines_file, "bf16", device),
             "mlmjob_fillmask_fp32": time_fillmask(model_dir, lines_file, "fp32", device),
             "pipeline_one_by_one_fp32": time_pipeline(model_dir, lines, device, False, None),
             "pipeline_batched_fp32": time_pipeline(model_dir, lines, device, True, None),
             "pipeline_batched_bf16": time_pipeline(model_dir, lines, device, True, torch.bfloat16),
-        }  # fmt: skip
+        }
     rate = {k: v["lines_per_s"] for k, v in out.items() if isinstance(v, dict)}
     out["speedup_bf16_vs_pipeline_one_by_one"] = round(
-        rate["mlmjob_fillmask_bf16"] / rate["pipeline_one_by_one_fp32"], 2)  # fmt: skip
+        rate["mlmjob_fillmask_bf16"] / rate["pipeline_one_by_one_fp32"], 2
+    )
     out["speedup_fp32_vs_pipeline_batched_fp32"] = round(
-        rate["mlmjob_fillmask_fp32"] / rate["pipeline_batched_fp32"], 2)  # fmt: skip
+        rate["mlmjob_fillmask_fp32"] / rate["pipeline_batched_fp32"], 2
+    )
     out["speedup_bf16_vs_pipeline_batched_bf16"] = round(
-        rate["mlmjob_fillmask_bf16"] / rate["pipeline_batched_bf16"], 2)  # fmt: skip
+        rate["mlmjob_fillmask_bf16"] / rate["pipeline_batched_bf16"], 2
+    )
     return out
 
 
@@ -442,12 +480,16 @@ def header(args, cuda: bool) -> dict:
         "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "deepspeed")},
         "model": f"distilroberta-base architecture, random init: {config.num_hidden_layers} x "
         f"{config.hidden_size}, vocab {config.vocab_size}",
-        "seq_len": SEQ, "batch_per_gpu": args.batch, "precision": "bf16" if cuda else "fp32",
+        "seq_len": SEQ,
+        "batch_per_gpu": args.batch,
+        "precision": "bf16" if cuda else "fp32",
         "steps": {"warmup": args.warmup, "timed": args.steps, "profiled": args.profile_steps},
-        "flops_per_token": {"useful (mask_fraction 0.15)": round(flops(0.15)),
-                            "full head (mask_fraction 1.0)": round(flops(1.0))},
+        "flops_per_token": {
+            "useful (mask_fraction 0.15)": round(flops(0.15)),
+            "full head (mask_fraction 1.0)": round(flops(1.0)),
+        },
         "methods": METHODS,
-    }  # fmt: skip
+    }
 
 
 def train_section(parts: dict) -> dict:
@@ -455,9 +497,11 @@ def train_section(parts: dict) -> dict:
     section = {"mlmjob": ours, "trainer": theirs}
     if "error" not in ours and "error" not in theirs:
         section["speedup_tokens_per_s"] = round(
-            ours["tokens_per_s_per_gpu"] / theirs["tokens_per_s_per_gpu"], 2)  # fmt: skip
+            ours["tokens_per_s_per_gpu"] / theirs["tokens_per_s_per_gpu"], 2
+        )
         section["perplexity_ratio_mlmjob_over_trainer"] = round(
-            ours["eval_perplexity"] / theirs["eval_perplexity"], 4)  # fmt: skip
+            ours["eval_perplexity"] / theirs["eval_perplexity"], 4
+        )
     return section
 
 
@@ -471,14 +515,23 @@ def parse_args(argv=None):
     p.add_argument("--eval-blocks", type=int, help="held-out blocks (default 2048; smoke 16)")
     p.add_argument("--only", default="train,zero2,infer", help="comma-separated parts")
     p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/roberta-base-tokenizer"),
-                   help="roberta-base tokenizer folder (default ../shared/data/...)")  # fmt: skip
+    p.add_argument(
+        "--tokenizer",
+        default=str(ROOT.parent / "shared/data/roberta-base-tokenizer"),
+        help="roberta-base tokenizer folder (default ../shared/data/...)",
+    )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks code paths")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    defaults = {"steps": (50, 3), "warmup": (10, 2), "profile_steps": (10, 2),
-                "batch": (128, 8), "lines": (2000, 32), "eval_blocks": (2048, 16)}  # fmt: skip
+    defaults = {
+        "steps": (50, 3),
+        "warmup": (10, 2),
+        "profile_steps": (10, 2),
+        "batch": (128, 8),
+        "lines": (2000, 32),
+        "eval_blocks": (2048, 16),
+    }
     for key, (full, smoke) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, smoke if args.smoke else full)
@@ -495,8 +548,10 @@ def main() -> int:
         return 0
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("bench/gpu.py needs a CUDA GPU (use --smoke to check its code paths on the CPU)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench/gpu.py needs a CUDA GPU (use --smoke to check its code paths on the CPU)",
+            file=sys.stderr,
+        )
         return 2
     if not Path(args.tokenizer, "tokenizer_config.json").exists():
         print(f"bench/gpu.py: no tokenizer at {args.tokenizer} (--tokenizer)", file=sys.stderr)

@@ -34,14 +34,26 @@ def training_arguments(args, output_dir: str):
 
     cuda = torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=output_dir, max_steps=gpu.total_steps(args),
-        per_device_train_batch_size=args.batch, learning_rate=gpu.LR,
-        weight_decay=gpu.WEIGHT_DECAY, warmup_steps=args.warmup, lr_scheduler_type="linear",
-        max_grad_norm=1.0, bf16=cuda, optim="adamw_torch_fused",
-        dataloader_pin_memory=True, dataloader_num_workers=4, report_to=[],
-        save_strategy="no", eval_strategy="no", logging_steps=1_000_000, disable_tqdm=True,
-        seed=gpu.SEED, use_cpu=not cuda,  # bf16 only on a GPU, as mlmjob's precision `auto`
-    )  # fmt: skip
+        output_dir=output_dir,
+        max_steps=gpu.total_steps(args),
+        per_device_train_batch_size=args.batch,
+        learning_rate=gpu.LR,
+        weight_decay=gpu.WEIGHT_DECAY,
+        warmup_steps=args.warmup,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        bf16=cuda,
+        optim="adamw_torch_fused",
+        dataloader_pin_memory=True,
+        dataloader_num_workers=4,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1_000_000,
+        disable_tqdm=True,
+        seed=gpu.SEED,
+        use_cpu=not cuda,  # bf16 only on a GPU, as mlmjob's precision `auto`
+    )
 
 
 def run_trainer(args, tok) -> dict:
@@ -55,8 +67,13 @@ def run_trainer(args, tok) -> dict:
     phases = gpu.Phases(args, device)
     collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm_probability=gpu.MLM_PROBABILITY)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, args=training_arguments(args, tmp), train_dataset=train,
-                          data_collator=collator, callbacks=[PhaseCallback(phases)])  # fmt: skip
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(args, tmp),
+            train_dataset=train,
+            data_collator=collator,
+            callbacks=[PhaseCallback(phases)],
+        )
         result = trainer.train()
     tps = phases.result["tokens_per_s_per_gpu"]
     return {

@@ -79,27 +79,31 @@ class SourceConfig(_Section):
     """One input: a storage URI or glob (`uri`), or a Hugging Face dataset (`hf` + `split`)."""
 
     uri: SourceUri | None = Field(
-        None, description="a file, folder or glob: local, `s3://bucket/...`, or "
+        None,
+        description="a file, folder or glob: local, `s3://bucket/...`, or "
         "`hf://datasets/OWNER/NAME/PATH` (Hub files, streamed)",
-    )  # fmt: skip
+    )
     hf: str | None = Field(
-        None, description="a `datasets.load_dataset` path: a Hub id, a local folder, or a "
+        None,
+        description="a `datasets.load_dataset` path: a Hub id, a local folder, or a "
         "builder (`json`, `parquet`) with `data_files`",
-    )  # fmt: skip
+    )
     hf_config: str | None = Field(None, description="the dataset's config (subset) name")
     split: str | None = Field(None, description="the split to read (default `train`)")
     revision: str | None = Field(
-        None, description="Hub branch, tag or commit, e.g. `refs/convert/parquet` (the Hub's "
+        None,
+        description="Hub branch, tag or commit, e.g. `refs/convert/parquet` (the Hub's "
         "Parquet export of a script-based dataset); also for `hf://` URIs",
-    )  # fmt: skip
+    )
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
-        None, description="`load_dataset`'s `data_files`: paths or globs, or a mapping of "
-        "split to them",
-    )  # fmt: skip
+        None,
+        description="`load_dataset`'s `data_files`: paths or globs, or a mapping of split to them",
+    )
     streaming: bool = Field(
-        False, description="`load_dataset(streaming=True)`: read as it downloads, no local "
+        False,
+        description="`load_dataset(streaming=True)`: read as it downloads, no local "
         "Arrow copy of the whole split",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -186,9 +190,12 @@ class DataConfig(_Section):
         description="dotted fields, flattened and joined with a space (add `title`, `selftext`)",
     )
     test_size: Float = Field(
-        0.2, ge=0, lt=1, description="held-out fraction; the split equals `datasets`' "
+        0.2,
+        ge=0,
+        lt=1,
+        description="held-out fraction; the split equals `datasets`' "
         "`train_test_split(test_size, seed=run.seed)`",
-    )  # fmt: skip
+    )
     block_size: Int = Field(128, ge=2, description="tokens per block")
     output: Uri = Field("out/data", description="dataset root")
     shard_blocks: Int = Field(65536, ge=1, description="blocks per `.npy` shard")
@@ -196,9 +203,10 @@ class DataConfig(_Section):
         0.01, ge=0, le=1, description="malformed records above this fraction fail the run (exit 2)"
     )
     cache_dir: str | None = Field(
-        None, description="node-local cache (shards, models, tokenizers from S3; checkpoint "
+        None,
+        description="node-local cache (shards, models, tokenizers from S3; checkpoint "
         "staging); default `$MLMJOB_CACHE` or `~/.cache/mlmjob`",
-    )  # fmt: skip
+    )
     dataset: str | None = Field(
         None, description="train on this dataset folder instead of the one the config derives"
     )
@@ -207,9 +215,10 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name_or_path: str = Field("distilroberta-base", description="hub id, local folder or S3 URI")
     tokenizer: str | None = Field(
-        None, description="hub id, local folder or S3 URI (default: `name_or_path`); must have "
+        None,
+        description="hub id, local folder or S3 URI (default: `name_or_path`); must have "
         "a mask token",
-    )  # fmt: skip
+    )
     from_scratch: bool = Field(
         False, description="random weights from the model's config (RoBERTa defaults if none)"
     )
@@ -257,19 +266,22 @@ class TrainConfig(_Section):
     log_every_steps: Int = Field(10, ge=1, description="metrics.jsonl and progress bar")
     precision: Precision = Field("auto", description="`auto`: bf16 on GPU, fp32 on CPU")
     deepspeed: str | None = Field(
-        None, description="a DeepSpeed JSON (`configs/deepspeed/zero2.json`); `auto` fields "
+        None,
+        description="a DeepSpeed JSON (`configs/deepspeed/zero2.json`); `auto` fields "
         "are filled from `train.*`",
-    )  # fmt: skip
+    )
     compile: bool = Field(False, description="`torch.compile` the encoder layers")
     num_threads: Int | None = Field(None, ge=1, description="CPU threads per process")
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
-        default_factory=list, description="trackers (accelerate's): `[mlflow, tensorboard, "
+        default_factory=list,
+        description="trackers (accelerate's): `[mlflow, tensorboard, "
         "wandb]`; servers and tokens from `MLFLOW_TRACKING_URI`, `WANDB_API_KEY`/`WANDB_MODE`",
-    )  # fmt: skip
+    )
     push_to_hub: PushToHubConfig | None = Field(
-        None, description="`{repo_id, private, revision}`: push `model/` with a model card "
+        None,
+        description="`{repo_id, private, revision}`: push `model/` with a model card "
         "when the run ends (a failed push is a warning; rerun `mlmjob push`)",
-    )  # fmt: skip
+    )
 
 
 class InferConfig(_Section):
@@ -286,9 +298,11 @@ class InferConfig(_Section):
     top_k: Int = Field(3, ge=1, description="candidates per `<mask>`")
     batch_size: Int = Field(64, ge=1, description="lines per forward")
     lines_per_part: Int = Field(
-        100_000, ge=1, description="a file is split into parts of this many lines, each "
+        100_000,
+        ge=1,
+        description="a file is split into parts of this many lines, each "
         "committed on its own: workers share a big file and a rerun resumes inside it",
-    )  # fmt: skip
+    )
     precision: Precision = Field(
         "auto",
         description='`auto`: bf16 on GPU, fp32 on CPU. `fp32` equals `pipeline("fill-mask")`; '
@@ -397,10 +411,21 @@ def apply_override(raw: dict, item: str, path: str) -> None:
     node[parts[-1]] = parsed
 
 
-_BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
-           "less_than_equal": "<= {le}"}  # fmt: skip
-_TYPES = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "a list",
-          "dict": "a mapping", "model": "a mapping"}  # fmt: skip
+_BOUNDS = {
+    "greater_than": "> {gt}",
+    "greater_than_equal": ">= {ge}",
+    "less_than": "< {lt}",
+    "less_than_equal": "<= {le}",
+}
+_TYPES = {
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+    "string": "str",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+}
 
 
 def describe(err: dict) -> str:

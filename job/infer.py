@@ -205,8 +205,9 @@ class FillMask:
 
         cache = cache_dir / "models"
         self.tok = load_pretrained(AutoTokenizer, model_uri, cache, "infer.model")
-        model = load_pretrained(AutoModelForMaskedLM, model_uri, cache, "infer.model",
-                                attn_implementation="sdpa")  # fmt: skip
+        model = load_pretrained(
+            AutoModelForMaskedLM, model_uri, cache, "infer.model", attn_implementation="sdpa"
+        )
         if self.tok.mask_token is None:
             raise BadInput(f"infer.model: '{model_uri}' has a tokenizer without a mask token")
         vocab = model.config.vocab_size  # the candidates top-k is taken from
@@ -293,8 +294,14 @@ class FillMask:
             for v, p in zip(values[m].tolist(), tokens[m].tolist(), strict=True):
                 if p not in self.token_str:
                     self.token_str[p] = self.tok.decode([p])
-                row.append({"score": v, "token": p, "token_str": self.token_str[p],
-                            "sequence": next(decoded)})  # fmt: skip
+                row.append(
+                    {
+                        "score": v,
+                        "token": p,
+                        "token_str": self.token_str[p],
+                        "sequence": next(decoded),
+                    }
+                )
             rows.append(row)
         return rows
 
@@ -314,8 +321,11 @@ def _fill_window(fill: FillMask, lines: list[Line], uri: str, bs: int, progress)
     for start in range(0, len(good), bs):
         chunk = good[start : start + bs]
         for i, (values, tokens) in zip(chunk, fill.predict([ids[i] for i in chunk]), strict=True):
-            results[i] = {"file": uri, "line": lines[i].number,
-                          "masks": fill.describe(ids[i], values, tokens)}  # fmt: skip
+            results[i] = {
+                "file": uri,
+                "line": lines[i].number,
+                "masks": fill.describe(ids[i], values, tokens),
+            }
         progress.update(len(chunk))
     for i, ln in enumerate(lines):
         if results[i] is None:
@@ -381,8 +391,10 @@ def _infer(cfg: Config, worker: Worker) -> dict:
     if me == 0:  # one worker tidies up, so that no two delete the same files
         names = _remove_gone_parts(out, names, files, worker, job)
     found = _found_parts(names, worker)
-    inputs = [_plan_input(out, found.get(part_name(uri), {}), uri, i, worker)
-              for i, uri in enumerate(files)]  # fmt: skip
+    inputs = [
+        _plan_input(out, found.get(part_name(uri), {}), uri, i, worker)
+        for i, uri in enumerate(files)
+    ]
     skipped = sum(len(src.committed) for src in inputs)
     if skipped:
         log.info("worker %d: %d part(s) already committed, skipping them", me, skipped)
@@ -397,9 +409,16 @@ def _infer(cfg: Config, worker: Worker) -> dict:
     stats["seconds"] = round(seconds, 3)
     stats["process_seconds"] = round(process_seconds, 3)
     stats["lines_per_s"] = round(stats["lines"] / max(process_seconds, 1e-9), 1)
-    log.info("infer: %d parts written, %d skipped, %d lines (%d errors) in %.1f s, "
-             "%.1f lines/s -> %s", stats["parts"], skipped, stats["lines"], stats["errors"],
-             seconds, stats["lines_per_s"], out)  # fmt: skip
+    log.info(
+        "infer: %d parts written, %d skipped, %d lines (%d errors) in %.1f s, %.1f lines/s -> %s",
+        stats["parts"],
+        skipped,
+        stats["lines"],
+        stats["errors"],
+        seconds,
+        stats["lines_per_s"],
+        out,
+    )
     return stats
 
 
@@ -439,8 +458,9 @@ def _plan_input(
     done = sorted(k for k, files in have.items() if any(f.endswith(".done") for f in files))
     # its own parts' markers, and the highest one: whether the file ends there
     wanted = {k for k in done if worker.owns(index, k)} | set(done[-1:])
-    markers = {k: _read_marker(storage.join(out, f"{src.part(worker, k).name}.done"))
-               for k in wanted}  # fmt: skip
+    markers = {
+        k: _read_marker(storage.join(out, f"{src.part(worker, k).name}.done")) for k in wanted
+    }
     for k, files in have.items():
         if not worker.owns(index, k):
             continue
@@ -514,8 +534,11 @@ def _write_part(run: Run, src: Input, k: int, stream) -> None:
         "owner": run.owner,
     }
     storage.commit(storage.join(run.out, f"{part.name}.done"), jsonio.dumps(marker) + "\n")
-    run.stats.update(parts=run.stats["parts"] + 1, lines=run.stats["lines"] + count,
-                     errors=run.stats["errors"] + errors)  # fmt: skip
+    run.stats.update(
+        parts=run.stats["parts"] + 1,
+        lines=run.stats["lines"] + count,
+        errors=run.stats["errors"] + errors,
+    )
 
 
 def _stage_part(run: Run, fill: FillMask, part: Part, stream, f) -> tuple[int, int]:
@@ -570,8 +593,13 @@ def _remove_gone_parts(
     of another cut (`lines_per_part`). Only parts whose marker records this job as their
     owner go: anything else in the output is not ours to delete. Returns the names left."""
     current = {part_name(uri) for uri in files}
-    keep = {name for stem, parts in _found_parts(names, worker).items() if stem in current
-            for files_ in parts.values() for name in files_}  # fmt: skip
+    keep = {
+        name
+        for stem, parts in _found_parts(names, worker).items()
+        if stem in current
+        for files_ in parts.values()
+        for name in files_
+    }
     gone = []
     for name in names:
         m = _PART.fullmatch(name)

@@ -67,8 +67,10 @@ def torchrun_command(args: list[str], env: dict) -> list[str]:
                 f"--rdzv-endpoint={host}:{port}",
                 f"--rdzv-conf=timeout={env.get('MLMJOB_RDZV_TIMEOUT', '1800')}",
                 "--max-restarts=0",
-                "-m", "job", *args,
-            ]  # fmt: skip
+                "-m",
+                "job",
+                *args,
+            ]
         cmd += [
             f"--nnodes={nnodes}",
             f"--node-rank={env.get('JOB_COMPLETION_INDEX', '0')}",
@@ -245,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == [AGENT]:
         return agent(args[1:])
     if not args or args[0] not in COMMANDS:
-        print(f"usage: python -m job.launch {{{'|'.join(COMMANDS)}}} -c CONFIG [--set ...]",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"usage: python -m job.launch {{{'|'.join(COMMANDS)}}} -c CONFIG [--set ...]",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="mlmjob-exit-") as exit_dir:
         env = {**os.environ, "MLMJOB_EXIT_DIR": exit_dir}

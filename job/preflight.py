@@ -50,9 +50,11 @@ def preflight(cfg: Config) -> Report:
         report.check(lambda: _model(cfg, state.get("tok"), report))
         report.check(lambda: _deepspeed(cfg))
         report.check(lambda: _existing_run(cfg, state.get("tok"), report))
-    outputs = {"preprocess": ("data.output", cfg.data.output),
-               "train": ("run.output", cfg.run.output),
-               "infer": ("infer.output", cfg.infer.output)}  # fmt: skip
+    outputs = {
+        "preprocess": ("data.output", cfg.data.output),
+        "train": ("run.output", cfg.run.output),
+        "infer": ("infer.output", cfg.infer.output),
+    }
     for command in commands:
         report.check(lambda key_uri=outputs[command]: _writable(*key_uri))
     if "infer" in commands:
@@ -69,8 +71,10 @@ def _sources(cfg: Config, report: Report) -> None:
     for i, source in enumerate(cfg.data.sources):
         if source.hf:
             split = source.split or "train"
-            report.plan.append(f"data.sources[{i}]: Hugging Face dataset {source.hf} "
-                               f"(split {split}), checked when it loads")  # fmt: skip
+            report.plan.append(
+                f"data.sources[{i}]: Hugging Face dataset {source.hf} "
+                f"(split {split}), checked when it loads"
+            )
             continue
         if (source.uri or "").startswith("hf://"):
             _, hub = hub_files(source, f"data.sources[{i}]")
@@ -102,8 +106,10 @@ def _model(cfg: Config, tok, report: Report) -> None:
         return
     config = model_config(m, tok, cfg.cache_dir, cfg.data.block_size)
     from_config(config, meta=True)  # its values fit together (no memory, no weights)
-    report.plan.append(f"model: {m.name_or_path} ({config.model_type}, {config.num_hidden_layers} "
-                       f"layers x {config.hidden_size}, vocab {config.vocab_size:,})")  # fmt: skip
+    report.plan.append(
+        f"model: {m.name_or_path} ({config.model_type}, {config.num_hidden_layers} "
+        f"layers x {config.hidden_size}, vocab {config.vocab_size:,})"
+    )
 
 
 def _has_weights(uri: str, key: str) -> None:
@@ -171,9 +177,11 @@ def _existing_run(cfg: Config, tok, report: Report) -> None:
         for path, was, is_ in _differences(
             key, saved.get(section, {}).get(name), now[section][name]
         ):
-            raise BadInput(f"run.output: '{cfg.run.output}' holds a run with {path} "
-                           f"{json.dumps(was)}, this config has {json.dumps(is_)}; use "
-                           "another run.output to start afresh")  # fmt: skip
+            raise BadInput(
+                f"run.output: '{cfg.run.output}' holds a run with {path} "
+                f"{json.dumps(was)}, this config has {json.dumps(is_)}; use "
+                "another run.output to start afresh"
+            )
     _train_plan(cfg, tok, report)
     done = storage.exists(storage.join(cfg.run.output, "summary.json"))
     report.plan.append(
@@ -187,8 +195,9 @@ def _infer_inputs(cfg: Config, report: Report) -> None:
     missing = [p for p in cfg.infer.inputs if not storage.expand(p)]
     if missing:
         raise BadInput(f"infer.inputs: '{missing[0]}' matches no file")
-    report.plan.append(f"infer: {len(files)} file(s) -> {cfg.infer.output} "
-                       f"({env.world_size()} process(es) here)")  # fmt: skip
+    report.plan.append(
+        f"infer: {len(files)} file(s) -> {cfg.infer.output} ({env.world_size()} process(es) here)"
+    )
 
 
 def _train_plan(cfg: Config, tok, report: Report) -> None:
@@ -212,6 +221,9 @@ def _train_plan(cfg: Config, tok, report: Report) -> None:
 def _differences(key: str, was, is_) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, current value) for each leaf that differs."""
     if isinstance(was, dict) and isinstance(is_, dict):
-        return [d for k in sorted(set(was) | set(is_))
-                for d in _differences(f"{key}.{k}", was.get(k), is_.get(k))]  # fmt: skip
+        return [
+            d
+            for k in sorted(set(was) | set(is_))
+            for d in _differences(f"{key}.{k}", was.get(k), is_.get(k))
+        ]
     return [] if was == is_ else [(key, was, is_)]

@@ -19,9 +19,22 @@ from job.errors import EXIT_OK, EXIT_RETRY, BadInput
 from job.log import log
 from job.redact import redact
 
-FIGURES = ("perplexity", "initial_perplexity", "eval_loss", "train_tokens", "epochs",
-           "global_step", "world_size", "tokens_per_second", "train_seconds", "gpu_hours",
-           "parameters", "device", "precision", "dataset_id")  # fmt: skip
+FIGURES = (
+    "perplexity",
+    "initial_perplexity",
+    "eval_loss",
+    "train_tokens",
+    "epochs",
+    "global_step",
+    "world_size",
+    "tokens_per_second",
+    "train_seconds",
+    "gpu_hours",
+    "parameters",
+    "device",
+    "precision",
+    "dataset_id",
+)
 
 
 def _hub_id(name: str) -> str | None:
@@ -42,14 +55,24 @@ def model_card(cfg: Config, summary: dict) -> str:
     base = None if cfg.model.from_scratch else _hub_id(cfg.model.name_or_path)
     datasets = _hf_datasets(cfg)
     result = EvalResult(
-        task_type="fill-mask", task_name="Masked language modeling",
+        task_type="fill-mask",
+        task_name="Masked language modeling",
         dataset_type=datasets[0] if datasets else summary["dataset_id"],
-        dataset_name=summary["dataset_id"], dataset_split="test",
-        metric_type="perplexity", metric_name="Perplexity", metric_value=summary["perplexity"],
-    )  # fmt: skip
-    data = ModelCardData(base_model=base, datasets=datasets or None, library_name="transformers",
-                         pipeline_tag="fill-mask", tags=["masked-lm", "mlmjob"],
-                         model_name=cfg.run.name, eval_results=[result])  # fmt: skip
+        dataset_name=summary["dataset_id"],
+        dataset_split="test",
+        metric_type="perplexity",
+        metric_name="Perplexity",
+        metric_value=summary["perplexity"],
+    )
+    data = ModelCardData(
+        base_model=base,
+        datasets=datasets or None,
+        library_name="transformers",
+        pipeline_tag="fill-mask",
+        tags=["masked-lm", "mlmjob"],
+        model_name=cfg.run.name,
+        eval_results=[result],
+    )
     # The card is public with `private: false`: no URL in it keeps a password or signature
     # (the config in it is redacted already; the names and figures around it too).
     return redact(str(ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(cfg, summary)}")))
@@ -86,8 +109,12 @@ def push(cfg: Config) -> int:
         url = upload(hub, Path(model), model_card(cfg, summary))
     except Exception as e:  # network, permissions, the Hub: the run is untouched, rerun
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log.error("push to %s failed (%s); the model stays in %s: rerun `mlmjob push`",
-                  hub.repo_id, first, storage.join(out, "model"))  # fmt: skip
+        log.error(
+            "push to %s failed (%s); the model stays in %s: rerun `mlmjob push`",
+            hub.repo_id,
+            first,
+            storage.join(out, "model"),
+        )
         return EXIT_RETRY
     log.info("pushed %s to %s", storage.join(out, "model"), url)
     print(url)
@@ -102,9 +129,13 @@ def upload(hub, folder: Path, card: str) -> str:
     api.create_repo(hub.repo_id, private=hub.private, exist_ok=True)
     if hub.revision:
         api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
-    ops = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p))
-           for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "README.md"]  # fmt: skip
+    ops = [
+        CommitOperationAdd(p.relative_to(folder).as_posix(), str(p))
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "README.md"
+    ]
     ops.append(CommitOperationAdd("README.md", card.encode()))
-    info = api.create_commit(hub.repo_id, ops, commit_message="mlmjob: upload model",
-                             revision=hub.revision)  # fmt: skip
+    info = api.create_commit(
+        hub.repo_id, ops, commit_message="mlmjob: upload model", revision=hub.revision
+    )
     return info.commit_url

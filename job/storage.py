@@ -399,8 +399,12 @@ class _S3Reader(io.RawIOBase):
                         f"{self._pos} ({type(e).__name__}); worth a retry"
                     ) from None
 
-                log.warning("%s: connection broke at byte %d (%s); resuming there",
-                            self.uri, self._pos, type(e).__name__)  # fmt: skip
+                log.warning(
+                    "%s: connection broke at byte %d (%s); resuming there",
+                    self.uri,
+                    self._pos,
+                    type(e).__name__,
+                )
                 time.sleep(min(0.2 * 2**failures, 5.0))
                 continue
             self._pos += n
@@ -409,8 +413,7 @@ class _S3Reader(io.RawIOBase):
     def _open(self) -> None:
         from botocore.exceptions import ClientError
 
-        kwargs = {"Bucket": self._loc.bucket, "Key": self._loc.key,
-                  "Range": f"bytes={self._pos}-"}  # fmt: skip
+        kwargs = {"Bucket": self._loc.bucket, "Key": self._loc.key, "Range": f"bytes={self._pos}-"}
         if self._etag:
             kwargs["IfMatch"] = self._etag
         try:

@@ -60,9 +60,11 @@ def data_missing() -> str | None:
         if not gone:
             return None
         what = f"{', '.join(str(p) for p in gone)} missing"
-    return (f"data layer: {what}; set MLMJOB_TEST_DATA to a folder with "
-            "eli5/eli5-category-validation-2.json.gz and roberta-base-tokenizer/ "
-            "(see ../shared/data/README.md)")  # fmt: skip
+    return (
+        f"data layer: {what}; set MLMJOB_TEST_DATA to a folder with "
+        "eli5/eli5-category-validation-2.json.gz and roberta-base-tokenizer/ "
+        "(see ../shared/data/README.md)"
+    )
 
 
 def _skip_or_fail(reason: str) -> None:
@@ -81,8 +83,10 @@ def need_shared(path: Path) -> Path:
     """A path of the shared folder beside the data (../shared/k8s-schemas): the data layer
     too, so skipped, or failed under MLMJOB_REQUIRE_DATA, when it is absent."""
     if not path.exists():
-        _skip_or_fail(f"data layer: {path} not found; put the shared folder beside the project "
-                      f"(see {path}/README.md)")  # fmt: skip
+        _skip_or_fail(
+            f"data layer: {path} not found; put the shared folder beside the project "
+            f"(see {path}/README.md)"
+        )
     return path
 
 

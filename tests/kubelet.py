@@ -34,8 +34,9 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 
 
 def render(folder: Path) -> list[dict]:
-    out = subprocess.run([str(BIN / "kubectl"), "kustomize", str(folder)], check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(BIN / "kubectl"), "kustomize", str(folder)], check=True, capture_output=True, text=True
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -101,18 +102,24 @@ class Cluster:
         assert rjob.get("replicas", 1) == 1, "one Job per replicated job"
         assert spec["completionMode"] == "Indexed"
         (container,) = spec["template"]["spec"]["containers"]
-        labels = {**spec["template"]["metadata"].get("labels", {}),
-                  JOBSET_NAME_LABEL: jobset["metadata"]["name"]}  # fmt: skip
-        return [self._pod(jobset, rjob["name"], i, container, labels)
-                for i in range(spec["completions"])]  # fmt: skip
+        labels = {
+            **spec["template"]["metadata"].get("labels", {}),
+            JOBSET_NAME_LABEL: jobset["metadata"]["name"],
+        }
+        return [
+            self._pod(jobset, rjob["name"], i, container, labels)
+            for i in range(spec["completions"])
+        ]
 
     def _pod(self, jobset: dict, job: str, index: int, container: dict, labels: dict) -> Pod:
         env = dict(self.image_env)
         for source in container.get("envFrom", []):
             env.update(self._env_from(source))
         env["JOB_COMPLETION_INDEX"] = str(index)
-        meta = {"labels": labels,
-                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}  # fmt: skip
+        meta = {
+            "labels": labels,
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+        }
         for var in container.get("env", []):
             if "value" in var:
                 env[var["name"]] = expand(var["value"], env)
@@ -121,8 +128,15 @@ class Cluster:
         assert "command" not in container, "the image's entrypoint (an init) runs args"
         argv = [expand(a, env) for a in container["args"]]
         mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
-        return Pod(jobset["metadata"]["name"], job, index, argv, env,
-                   container.get("workingDir", "/"), mounts)  # fmt: skip
+        return Pod(
+            jobset["metadata"]["name"],
+            job,
+            index,
+            argv,
+            env,
+            container.get("workingDir", "/"),
+            mounts,
+        )
 
     def _env_from(self, source: dict) -> dict[str, str]:
         if "configMapRef" in source:
@@ -187,8 +201,9 @@ def start(pod: Pod, app: Path, root: Path, dns: dict[str, str] | None = None) ->
     argv[0] = {"python": sys.executable}.get(argv[0], shutil_which(argv[0]))
     log = home / "log.txt"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=app, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv, cwd=app, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return Running(pod, proc, log)
 
 

@@ -47,11 +47,32 @@ naïve café résumé über façade 50°C ~10% 3.14 1,000 2019 24/7 e.g. i.e. et
 """
 WORDS = list(dict.fromkeys(_WORD_LIST.split()))
 
-TITLE_OPENERS = ["why does", "why do", "why is", "why are", "how does", "how do",
-                 "what is", "what happens when", "how can", "why can't"]  # fmt: skip
-CATEGORIES = ["Biology", "Chemistry", "Culture", "Earth Science", "Economics",
-              "Engineering", "Mathematics", "Other", "Physics", "Psychology", "Repost",
-              "Technology"]  # fmt: skip
+TITLE_OPENERS = [
+    "why does",
+    "why do",
+    "why is",
+    "why are",
+    "how does",
+    "how do",
+    "what is",
+    "what happens when",
+    "how can",
+    "why can't",
+]
+CATEGORIES = [
+    "Biology",
+    "Chemistry",
+    "Culture",
+    "Earth Science",
+    "Economics",
+    "Engineering",
+    "Mathematics",
+    "Other",
+    "Physics",
+    "Psychology",
+    "Repost",
+    "Technology",
+]
 _WEIGHTS = [1 / (rank + 1) ** 0.9 for rank in range(len(WORDS))]
 
 
@@ -84,21 +105,23 @@ def eli5_records(n: int = 400, seed: int = 0) -> list[dict]:
     records = []
     for _ in range(n):
         answers = [answer(rng) for _ in range(rng.randint(1, 5))]
-        records.append({
-            "q_id": _id(rng, 6),
-            "category": rng.choice(CATEGORIES),
-            "title": f"{rng.choice(TITLE_OPENERS)} {' '.join(_words(rng, rng.randint(2, 8)))}?",
-            "title_urls": {"url": []},
-            "selftext": "",
-            "selftext_urls": {"url": []},
-            "subreddit": "explainlikeimfive",
-            "answers": {
-                "a_id": [_id(rng, 7) for _ in answers],
-                "text": answers,
-                "text_urls": [[] for _ in answers],
-                "score": [rng.randint(1, 500) for _ in answers],
-            },
-        })  # fmt: skip
+        records.append(
+            {
+                "q_id": _id(rng, 6),
+                "category": rng.choice(CATEGORIES),
+                "title": f"{rng.choice(TITLE_OPENERS)} {' '.join(_words(rng, rng.randint(2, 8)))}?",
+                "title_urls": {"url": []},
+                "selftext": "",
+                "selftext_urls": {"url": []},
+                "subreddit": "explainlikeimfive",
+                "answers": {
+                    "a_id": [_id(rng, 7) for _ in answers],
+                    "text": answers,
+                    "text_urls": [[] for _ in answers],
+                    "score": [rng.randint(1, 500) for _ in answers],
+                },
+            }
+        )
     return records
 
 

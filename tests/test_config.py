@@ -52,20 +52,29 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
             "key 'data.text_fields' must be a list, got 'answers.text'",
         ),
         ("run=5", "key 'run' must be a mapping, got 5"),
-        ("train.precision=fp16", "key 'train.precision' must be one of auto, bf16, fp32, got 'fp16'"),
-        ("infer.precision=fp16", "key 'infer.precision' must be one of auto, bf16, fp32, got 'fp16'"),
+        (
+            "train.precision=fp16",
+            "key 'train.precision' must be one of auto, bf16, fp32, got 'fp16'",
+        ),
+        (
+            "infer.precision=fp16",
+            "key 'infer.precision' must be one of auto, bf16, fp32, got 'fp16'",
+        ),
         ("data.test_size=1", "key 'data.test_size' must be < 1.0, got 1"),
         ("data.block_size=1", "key 'data.block_size' must be >= 2, got 1"),
         ("data.shard_blocks=0", "key 'data.shard_blocks' must be >= 1, got 0"),
         ("train.learning_rate=0", "key 'train.learning_rate' must be > 0.0, got 0"),
-        ("train.learning_rate=true", "key 'train.learning_rate' must be a number, not a boolean, got True"),
+        (
+            "train.learning_rate=true",
+            "key 'train.learning_rate' must be a number, not a boolean, got True",
+        ),
         ("train.learning_rate=fast", "key 'train.learning_rate' must be float, got 'fast'"),
         ("data.sources=[3]", "key 'data.sources[0]' must be a mapping, got 3"),
         ("model.config_overrides=[1]", "key 'model.config_overrides' must be a mapping, got [1]"),
         ("model.from_scratch=maybe", "key 'model.from_scratch' must be bool, got 'maybe'"),
         ("run.output=[a]", "key 'run.output' must be str, got ['a']"),
     ],
-)  # fmt: skip
+)
 @pytest.mark.unit
 def test_bad_keys_name_the_file_and_key(override, message):
     with pytest.raises(BadInput) as e:
@@ -139,8 +148,15 @@ def test_readme_config_reference_is_generated_from_the_fields():
 
 
 def test_validate_names_each_bad_key_on_its_own_line():
-    proc = mlmjob("validate", "-c", "configs/demo.yaml", "--set", "train.precision=fp16",
-                  "--set", "data.test_size=1.5")  # fmt: skip
+    proc = mlmjob(
+        "validate",
+        "-c",
+        "configs/demo.yaml",
+        "--set",
+        "train.precision=fp16",
+        "--set",
+        "data.test_size=1.5",
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "mlmjob: error: configs/demo.yaml: key 'data.test_size' must be < 1.0, got 1.5",

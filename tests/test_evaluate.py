@@ -24,8 +24,14 @@ def evaluate(cfg, *sets, nproc=None):
     if nproc is None:
         return mlmjob(*args)
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": str(nproc)}
-    return subprocess.run([sys.executable, "-m", "job.launch", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "job.launch", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_summary_states_the_perplexity_before_the_first_step(reference):

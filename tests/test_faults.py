@@ -72,9 +72,14 @@ class pointed_at:
 
 
 def config(tmp_path, synthetic, inputs, prefix: str, name="c.yaml"):
-    text = CONFIG.format(run=f"{prefix}/run", src=f"{inputs}/eli5.jsonl", data=f"{prefix}/data",
-                         tok=synthetic.tokenizer, inputs=f"{inputs}/lines.txt",
-                         out=f"{prefix}/infer")  # fmt: skip
+    text = CONFIG.format(
+        run=f"{prefix}/run",
+        src=f"{inputs}/eli5.jsonl",
+        data=f"{prefix}/data",
+        tok=synthetic.tokenizer,
+        inputs=f"{inputs}/lines.txt",
+        out=f"{prefix}/infer",
+    )
     return write_config(tmp_path / name, text)
 
 
@@ -84,9 +89,14 @@ def run_all(cfg, endpoint: str, during=None) -> dict[str, subprocess.CompletedPr
     env = {"AWS_ENDPOINT_URL": endpoint, "MLMJOB_CACHE": str(cfg.parent / "cache")}
     out = {}
     for command in ("preprocess", "train", "infer"):
-        proc = subprocess.Popen([sys.executable, "-m", "job", command, "-c", str(cfg)], cwd=ROOT,
-                                env={**os.environ, **env}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "job", command, "-c", str(cfg)],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         if during:
             during(command, proc)
         stdout, stderr = proc.communicate(timeout=900)
@@ -101,15 +111,22 @@ def outputs(weed, prefix: str) -> dict:
     with pointed_at(weed):
         run, timing = f"{prefix}/run", {"tokens_per_s"}
         summary = json.loads(storage.read_text(f"{run}/summary.json"))
-        events = [{k: v for k, v in json.loads(x).items() if k not in timing}
-                  for x in storage.read_text(f"{run}/metrics.jsonl").splitlines()]  # fmt: skip
+        events = [
+            {k: v for k, v in json.loads(x).items() if k not in timing}
+            for x in storage.read_text(f"{run}/metrics.jsonl").splitlines()
+        ]
         manifest = next(
             u for u in storage.list_files(f"{prefix}/data") if u.endswith("manifest.json")
         )
-        shards = {sp: [s["sha256"] for s in v["shards"]]
-                  for sp, v in json.loads(storage.read_text(manifest))["splits"].items()}  # fmt: skip
-        parts = {u.rsplit("/", 1)[1]: storage.read_text(u)
-                 for u in storage.list_files(f"{prefix}/infer") if u.endswith(".jsonl")}  # fmt: skip
+        shards = {
+            sp: [s["sha256"] for s in v["shards"]]
+            for sp, v in json.loads(storage.read_text(manifest))["splits"].items()
+        }
+        parts = {
+            u.rsplit("/", 1)[1]: storage.read_text(u)
+            for u in storage.list_files(f"{prefix}/infer")
+            if u.endswith(".jsonl")
+        }
     figures = {k: summary[k] for k in ("perplexity", "eval_loss", "global_step", "train_tokens")}
     return {"summary": figures, "events": events, "shards": shards, "parts": parts}
 
@@ -137,8 +154,9 @@ def test_a_20_second_outage_in_every_command_changes_nothing(
         time.sleep(OUTAGE_S)
         weed.start()
 
-    runs = run_all(config(tmp_path, synthetic, inputs, "s3://test/outage"), weed.server.endpoint,
-                   outage)  # fmt: skip
+    runs = run_all(
+        config(tmp_path, synthetic, inputs, "s3://test/outage"), weed.server.endpoint, outage
+    )
     for command, proc in runs.items():
         assert "storage unavailable" in proc.stderr, command
         assert "storage answers again after" in proc.stderr, command

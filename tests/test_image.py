@@ -96,8 +96,11 @@ def constraints() -> dict[str, str]:
 
 
 def test_dockerfile_is_hadolint_clean():
-    proc = subprocess.run([tool("hadolint"), "--failure-threshold", "style", str(DOCKERFILE)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [tool("hadolint"), "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -134,8 +137,16 @@ def test_python_and_every_pin_equal_what_ci_tests():
     py = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)?", build_args(text)["PYTHON_VERSION"])
     assert py and (int(py.group(1)), int(py.group(2))) == sys.version_info[:2]
     pins = constraints()
-    for name in ("transformers", "datasets", "accelerate", "deepspeed", "boto3", "tokenizers",
-                 "numpy", "pyyaml"):  # fmt: skip
+    for name in (
+        "transformers",
+        "datasets",
+        "accelerate",
+        "deepspeed",
+        "boto3",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+    ):
         assert name in pins, name
     torch_ci = build_args(text)["TORCH_VERSION"]
     assert pins.get("torch", torch_ci) == torch_ci
@@ -183,9 +194,16 @@ def test_runtime_is_what_the_manifests_rely_on():
     assert e["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     assert e["MLMJOB_CACHE"] == "/cache" and e["HF_HOME"] == "/cache/huggingface"
     # the root filesystem is read-only: /cache and /tmp are the writable paths
-    for name in ("XDG_CACHE_HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR",
-                 "TORCH_EXTENSIONS_DIR", "TRITON_HOME", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH",
-                 "MPLCONFIGDIR"):  # fmt: skip
+    for name in (
+        "XDG_CACHE_HOME",
+        "TORCH_HOME",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TORCH_EXTENSIONS_DIR",
+        "TRITON_HOME",
+        "TRITON_CACHE_DIR",
+        "CUDA_CACHE_PATH",
+        "MPLCONFIGDIR",
+    ):
         assert re.match(r"/(cache|tmp)(/|$)", e[name]), f"{name}={e[name]}"
 
 
@@ -237,6 +255,15 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_else():
     for src in sources:
         assert (ROOT / src).exists(), src
         assert not ignored(src), f"{src} is copied but .dockerignore leaves it out"
-    for path in (".git", ".venv", "out", "tests", "k8s", "bench", "mlmjob.egg-info",
-                 "job/__pycache__", "job/train/__pycache__/loop.cpython-311.pyc"):  # fmt: skip
+    for path in (
+        ".git",
+        ".venv",
+        "out",
+        "tests",
+        "k8s",
+        "bench",
+        "mlmjob.egg-info",
+        "job/__pycache__",
+        "job/train/__pycache__/loop.cpython-311.pyc",
+    ):
         assert ignored(path), f"{path} would be sent to the daemon"

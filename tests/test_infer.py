@@ -49,9 +49,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, synthetic):
     tmp = tmp_path_factory.mktemp("model")
-    cfg = write_config(tmp / "c.yaml", CONFIG.format(run=tmp / "run", eli5=synthetic.eli5,
-                                                     data=tmp / "data", tok=synthetic.tokenizer,
-                                                     inputs="[]", out=tmp / "o"))  # fmt: skip
+    cfg = write_config(
+        tmp / "c.yaml",
+        CONFIG.format(
+            run=tmp / "run",
+            eli5=synthetic.eli5,
+            data=tmp / "data",
+            tok=synthetic.tokenizer,
+            inputs="[]",
+            out=tmp / "o",
+        ),
+    )
     mlmjob("preprocess", "-c", cfg, check=True)
     mlmjob("train", "-c", cfg, check=True)
     return tmp / "run" / "model"
@@ -59,9 +67,14 @@ def model_dir(tmp_path_factory, synthetic):
 
 def config(src: Inputs, tmp_path, model_dir, inputs, out=None, name="infer.yaml"):
     out = out or tmp_path / "out"
-    text = CONFIG.format(run=model_dir.parent, eli5=src.eli5, data=tmp_path / "data",
-                         tok=src.tokenizer, inputs=json.dumps([str(i) for i in inputs]),
-                         out=out)  # fmt: skip
+    text = CONFIG.format(
+        run=model_dir.parent,
+        eli5=src.eli5,
+        data=tmp_path / "data",
+        tok=src.tokenizer,
+        inputs=json.dumps([str(i) for i in inputs]),
+        out=out,
+    )
     return write_config(tmp_path / name, text)
 
 
@@ -163,8 +176,9 @@ def test_interrupted_job_resumes_without_loss_or_repeats(synthetic, tmp_path, mo
     inputs = make_inputs(tmp_path / "in", lines=1500)
     out = tmp_path / "out"
     cfg = config(synthetic, tmp_path, model_dir, [tmp_path / "in" / "*.txt"])
-    proc = subprocess.Popen([sys.executable, "-m", "job", "infer", "-c", str(cfg)], cwd=ROOT,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "infer", "-c", str(cfg)], cwd=ROOT, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     first = out / f"{part_stem(inputs[0])}.done"
     while not first.exists() and time.time() < deadline:
@@ -195,8 +209,14 @@ def test_processes_per_node_through_the_launcher(synthetic, tmp_path, model_dir)
     inputs = make_inputs(tmp_path / "in", files=3, lines=20)
     cfg = config(synthetic, tmp_path, model_dir, inputs)
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "2"}
-    proc = subprocess.run([sys.executable, "-m", "job.launch", "infer", "-c", str(cfg)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "job.launch", "infer", "-c", str(cfg)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "infer: 2 parts written" in proc.stderr  # rank 0 of 2 took parts 0 and 2 only
     assert_complete(tmp_path / "out", inputs, 20)
@@ -207,10 +227,13 @@ def test_end_to_end_through_s3(synthetic, tmp_path, model_dir, s3_prefix, s3_pro
     storage.upload_dir(model_dir, f"{s3_prefix}/model")
     for i, path in enumerate(make_inputs(tmp_path / "in", files=2, lines=10)):
         data = path.read_bytes()
-        storage.write_bytes(f"{s3_prefix}/in/{path.name}.gz" if i else f"{s3_prefix}/in/{path.name}",
-                            gzip.compress(data) if i else data)  # fmt: skip
-    storage.write_bytes(f"{s3_prefix}/in/extra.jsonl",
-                        b'{"text": "The <mask> is blue."}\n{"other": 1}\n')  # fmt: skip
+        storage.write_bytes(
+            f"{s3_prefix}/in/{path.name}.gz" if i else f"{s3_prefix}/in/{path.name}",
+            gzip.compress(data) if i else data,
+        )
+    storage.write_bytes(
+        f"{s3_prefix}/in/extra.jsonl", b'{"text": "The <mask> is blue."}\n{"other": 1}\n'
+    )
     cfg = config(synthetic, tmp_path, model_dir, [f"{s3_prefix}/in/*"], out=f"{s3_prefix}/out")
     mlmjob("infer", "-c", cfg, "--set", f"infer.model={s3_prefix}/model", check=True)
     files = storage.list_files(f"{s3_prefix}/out")
@@ -223,8 +246,11 @@ def test_end_to_end_through_s3(synthetic, tmp_path, model_dir, s3_prefix, s3_pro
         json.loads(x) for x in storage.read_text(f"{s3_prefix}/out/{stems[0]}.jsonl").splitlines()
     ]
     assert extra[0]["masks"][0][0]["sequence"].endswith(" is blue.")
-    assert extra[1] == {"file": inputs[0], "line": 2,
-                        "error": "not a JSON object with a string 'text'"}  # fmt: skip
+    assert extra[1] == {
+        "file": inputs[0],
+        "line": 2,
+        "error": "not a JSON object with a string 'text'",
+    }
     assert len(storage.read_text(f"{s3_prefix}/out/{stems[2]}.jsonl").splitlines()) == 10
     marker = json.loads(storage.read_text(f"{s3_prefix}/out/{stems[2]}.done"))
     head = storage.client().head_object(Bucket="test", Key=inputs[2][len("s3://test/") :])
@@ -232,8 +258,15 @@ def test_end_to_end_through_s3(synthetic, tmp_path, model_dir, s3_prefix, s3_pro
     assert marker["last"] is True
     # a rerun of a finished job: every marker matches and says its file ends there, so no
     # input is read (HEADs for the fingerprints only) and the model is not loaded
-    again = mlmjob("infer", "-c", cfg, "--set", f"infer.model={s3_prefix}/model",
-                   env=s3_proxy.env(), check=True)  # fmt: skip
+    again = mlmjob(
+        "infer",
+        "-c",
+        cfg,
+        "--set",
+        f"infer.model={s3_prefix}/model",
+        env=s3_proxy.env(),
+        check=True,
+    )
     assert "3 part(s) already committed" in again.stderr
     assert [path for method, path in s3_proxy.counts if method == "GET" and "/in/" in path] == []
     assert not any("/model/" in path for _, path in s3_proxy.counts)
@@ -289,16 +322,21 @@ def test_parts_follow_inputs_added_removed_and_changed(synthetic, tmp_path, mode
     (src / "d.txt").unlink()  # removed
     write_lines(src / "c.txt", 9, "c2")  # changed
     # two workers: b moves from worker 0 to worker 1, which must find it committed
-    runs = [mlmjob("infer", "-c", cfg, "--worker-index", i, "--num-workers", 2, check=True)
-            for i in (1, 0)]  # fmt: skip
+    runs = [
+        mlmjob("infer", "-c", cfg, "--worker-index", i, "--num-workers", 2, check=True)
+        for i in (1, 0)
+    ]
     assert "worker 1: 1 part(s) already committed" in runs[0].stderr
 
     records = read_parts(out)
     lines = Counter(r["file"] for r in records)
     assert lines == {str(src / "a.txt"): 3, str(src / "b.txt"): 5, str(src / "c.txt"): 9}
     assert len({(r["file"], r["line"]) for r in records}) == len(records)  # none twice
-    assert all(r["masks"][0][0]["sequence"].startswith("c2 ") for r in records
-               if r["file"] == str(src / "c.txt"))  # fmt: skip
+    assert all(
+        r["masks"][0][0]["sequence"].startswith("c2 ")
+        for r in records
+        if r["file"] == str(src / "c.txt")
+    )
     current = {part_stem(src / f"{x}.txt") for x in "abc"}
     assert {p.stem for p in out.glob("*.jsonl")} == {p.stem for p in out.glob("*.done")} == current
     markers = [json.loads(p.read_text()) for p in out.glob("*.done")]
@@ -354,9 +392,12 @@ def test_split_file_equals_the_unsplit_run(synthetic, tmp_path, model_dir):
     assert [r["line"] for r in read_parts(split)] == list(range(1, 96))
     markers = [json.loads((split / f"{stem}.done").read_text()) for stem in stems]
     assert [(m["line_range"], m["lines"], m["last"]) for m in markers] == [
-        ([1, 20], 20, False), ([21, 40], 20, False), ([41, 60], 20, False),
-        ([61, 80], 20, False), ([81, 100], 15, True),
-    ]  # fmt: skip
+        ([1, 20], 20, False),
+        ([21, 40], 20, False),
+        ([41, 60], 20, False),
+        ([61, 80], 20, False),
+        ([81, 100], 15, True),
+    ]
 
 
 def test_two_workers_share_one_file_by_parts(synthetic, tmp_path, model_dir):
@@ -381,8 +422,11 @@ def test_killed_mid_file_resumes_inside_it(synthetic, tmp_path, model_dir):
         ["--set", "infer.lines_per_part=300"],
         part_stems(src, 300, 10),
     )
-    proc = subprocess.Popen([sys.executable, "-m", "job", "infer", "-c", str(cfg), *cut],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "infer", "-c", str(cfg), *cut],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / f"{stems[0]}.done").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -428,9 +472,14 @@ def test_too_long_line_counted_with_roberta_base(real_data, tmp_path):
 
     model_dir = tmp_path / "run" / "model"
     tok = AutoTokenizer.from_pretrained(real_data.tokenizer)
-    config_ = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=64,
-                            pad_token_id=tok.pad_token_id)  # fmt: skip
+    config_ = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=tok.pad_token_id,
+    )
     RobertaForMaskedLM(config_).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     src = tmp_path / "lines.txt"

@@ -64,18 +64,29 @@ def env_of(c: dict) -> dict:
 def strict_validate(docs: list[dict], tmp_path: Path) -> None:
     path = tmp_path / "objects.yaml"
     path.write_text(yaml.safe_dump_all(docs))
-    proc = subprocess.run([str(BIN / "kubernetes-validate"), "-k", "1.33.0", "--strict",
-                           str(path)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "-k", "1.33.0", "--strict", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("passed") == len(docs), proc.stdout
 
 
 def as_jobs(js: dict) -> list[dict]:
     """Each replicated job's template as the batch/v1 Job the JobSet controller creates."""
-    return [{"apiVersion": "batch/v1", "kind": "Job",
-             "metadata": {"name": f"{js['metadata']['name']}-{r['name']}-0",
-                          "namespace": js["metadata"].get("namespace", "default")},
-             "spec": r["template"]["spec"]} for r in js["spec"]["replicatedJobs"]]  # fmt: skip
+    return [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": f"{js['metadata']['name']}-{r['name']}-0",
+                "namespace": js["metadata"].get("namespace", "default"),
+            },
+            "spec": r["template"]["spec"],
+        }
+        for r in js["spec"]["replicatedJobs"]
+    ]
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -137,8 +148,11 @@ def test_pipeline_order_and_failure_policy(name, config):
     jobs = rjobs(js)
     assert [r["name"] for r in stages(js)] == STAGES
     assert {n: [d["name"] for d in r.get("dependsOn", [])] for n, r in jobs.items()} == {
-        "preflight": [], "preprocess": ["preflight"], "train": ["preprocess"],
-        "infer": ["train"]}  # fmt: skip
+        "preflight": [],
+        "preprocess": ["preflight"],
+        "train": ["preprocess"],
+        "infer": ["train"],
+    }
     assert js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "mlmjob"
     policy = js["spec"]["failurePolicy"]
     rules = {r["name"]: r for r in policy["rules"]}
@@ -149,7 +163,8 @@ def test_pipeline_order_and_failure_policy(name, config):
         spec = rjob["template"]["spec"]
         fail_on = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
         assert {"containerName": "mlmjob", "operator": "In", "values": [2]} in [
-            r.get("onExitCodes") for r in fail_on]  # fmt: skip
+            r.get("onExitCodes") for r in fail_on
+        ]
         assert spec["completions"] == spec["parallelism"]
     train = jobs["train"]["template"]["spec"]
     assert train["backoffLimit"] == 0  # a lost pod restarts the whole group (failurePolicy)
@@ -180,9 +195,11 @@ def test_each_failure_kind_gets_its_action():
     pod = dict(ns="mlmjob-full-eli5", pod="mlmjob-full-eli5-train-0-1-x7k2p")
     assert matching_rule(js, "PodFailurePolicy", EXIT_MESSAGE.format(code=2, **pod)) == "FailJobSet"
     assert matching_rule(js, "PodFailurePolicy", EXIT_MESSAGE.format(code=3, **pod)) == (
-        "RestartJobSetAndIgnoreMaxRestarts")  # fmt: skip
+        "RestartJobSetAndIgnoreMaxRestarts"
+    )
     assert matching_rule(js, "PodFailurePolicy", CONDITION_MESSAGE.format(**pod)) == (
-        "RestartJobSetAndIgnoreMaxRestarts")  # fmt: skip
+        "RestartJobSetAndIgnoreMaxRestarts"
+    )
     assert (
         matching_rule(js, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
         == "RestartJobSet"
@@ -208,9 +225,11 @@ def test_pod_hygiene(name):
         assert labels["app.kubernetes.io/component"] == rname
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert c["securityContext"] == {"allowPrivilegeEscalation": False,
-                                        "readOnlyRootFilesystem": True,
-                                        "capabilities": {"drop": ["ALL"]}}  # fmt: skip
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
         assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp", "/cache"}
         assert all(v["emptyDir"].get("sizeLimit") for v in spec["volumes"])
         assert {"configMapRef": {"name": cm["metadata"]["name"]}} in c["envFrom"]
@@ -223,8 +242,9 @@ def test_pod_hygiene(name):
             assert gpus is None and env_of(c)["NVIDIA_VISIBLE_DEVICES"] == "void"
         else:
             assert int(gpus) >= 1 and env_of(c)["MLMJOB_NPROC_PER_NODE"] == gpus
-            assert {"key": "nvidia.com/gpu", "operator": "Exists",
-                    "effect": "NoSchedule"} in spec["tolerations"]  # fmt: skip
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+                "tolerations"
+            ]
         n = rjob["template"]["spec"]["completions"]
         key = {"train": "MLMJOB_NNODES"}.get(rname, "MLMJOB_NUM_WORKERS")
         if rname != "preflight":
@@ -298,11 +318,18 @@ def image_app(tmp_path: Path, steps: int = 6, checkpoint_every: int = 1000) -> P
 
 def cluster(docs: list[dict], s3, tmp_path: Path) -> Cluster:
     # The Secret a user creates (README): the credentials, and the endpoint of a non-AWS S3.
-    secret = {"AWS_ACCESS_KEY_ID": s3.env()["AWS_ACCESS_KEY_ID"],
-              "AWS_SECRET_ACCESS_KEY": s3.env()["AWS_SECRET_ACCESS_KEY"],
-              "AWS_ENDPOINT_URL": s3.endpoint, "AWS_REGION": "us-east-1"}  # fmt: skip
-    image_env = {"HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
-                 "MLMJOB_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3.env()["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": s3.env()["AWS_SECRET_ACCESS_KEY"],
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "AWS_REGION": "us-east-1",
+    }
+    image_env = {
+        "HOME": str(tmp_path / "home"),
+        "PYTHONUNBUFFERED": "1",
+        "MLMJOB_NO_PROGRESS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     return Cluster.of(docs, {"mlmjob-s3": secret}, image_env)
 
 
@@ -339,12 +366,12 @@ def assert_pipeline_outputs(storage_uri: str, lines: list[str]) -> None:
     summary = json.loads(storage.read_text(f"{run}/summary.json"))
     assert summary["global_step"] == 6 and summary["perplexity"] > 1
     assert storage.exists(f"{run}/model/model.safetensors")
-    parts = [u for u in listed if u.startswith(f"{storage_uri}/infer/kubelet/")
-             and u.endswith(".jsonl")]  # fmt: skip
+    parts = [
+        u for u in listed if u.startswith(f"{storage_uri}/infer/kubelet/") and u.endswith(".jsonl")
+    ]
     got = [json.loads(x) for u in parts for x in storage.read_text(u).splitlines()]
     seen = sorted((r["file"].rsplit("/", 1)[1], r["line"]) for r in got)
-    assert seen == [("a.txt", 1), ("a.txt", 2)] + [
-        ("b.txt", i) for i in range(1, len(lines) - 1)]  # fmt: skip
+    assert seen == [("a.txt", 1), ("a.txt", 2)] + [("b.txt", i) for i in range(1, len(lines) - 1)]
     assert all(r["masks"] for r in got)  # every sample line has a <mask>
 
 

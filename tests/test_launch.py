@@ -27,9 +27,16 @@ DEMO = [
 
 def pod_env(index: int, cache, port: int) -> dict:
     """What the train Job's manifest gives pod `index` (MASTER_ADDR: pod 0's address)."""
-    return {**os.environ, "JOB_COMPLETION_INDEX": str(index), "MLMJOB_NNODES": "2",
-            "MLMJOB_NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "MLMJOB_RDZV_ID": "test-job", "MLMJOB_CACHE": str(cache)}  # fmt: skip
+    return {
+        **os.environ,
+        "JOB_COMPLETION_INDEX": str(index),
+        "MLMJOB_NNODES": "2",
+        "MLMJOB_NPROC_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "MLMJOB_RDZV_ID": "test-job",
+        "MLMJOB_CACHE": str(cache),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data)
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for i in (0, 1)
     ]
     logs = [p.communicate(timeout=600)[0] for p in pods]
@@ -67,10 +74,22 @@ def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data)
     assert any("training demo: 2 processes" in log for log in logs)
 
     local = subprocess.run(
-        [sys.executable, "-m", "job.launch", "train", *DEMO, *sets, "--set", f"run.output={tmp_path}/one-node"],
-        cwd=ROOT, env={**os.environ, "MLMJOB_NPROC_PER_NODE": "2"}, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "job.launch",
+            "train",
+            *DEMO,
+            *sets,
+            "--set",
+            f"run.output={tmp_path}/one-node",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "MLMJOB_NPROC_PER_NODE": "2"},
+        capture_output=True,
+        text=True,
         timeout=600,
-    )  # fmt: skip
+    )
     assert local.returncode == 0, local.stderr[-2000:]
     a = load_file(tmp_path / "two-nodes" / "model" / "model.safetensors")
     b = load_file(tmp_path / "one-node" / "model" / "model.safetensors")
@@ -80,14 +99,31 @@ def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data)
 
 
 def test_torchrun_command_from_the_pod_environment():
-    env = {"JOB_COMPLETION_INDEX": "3", "MLMJOB_NNODES": "4", "MLMJOB_NPROC_PER_NODE": "8",
-           "MASTER_ADDR": "mlmjob-train-0.mlmjob-train", "MASTER_PORT": "29500",
-           "MLMJOB_RDZV_ID": "uid-1"}  # fmt: skip
+    env = {
+        "JOB_COMPLETION_INDEX": "3",
+        "MLMJOB_NNODES": "4",
+        "MLMJOB_NPROC_PER_NODE": "8",
+        "MASTER_ADDR": "mlmjob-train-0.mlmjob-train",
+        "MASTER_PORT": "29500",
+        "MLMJOB_RDZV_ID": "uid-1",
+    }
     cmd = torchrun_command(["train", "-c", "/config/run.yaml"], env)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=8", "--nnodes=4",
-                       "--node-rank=3", "--rdzv-backend=c10d",
-                       "--rdzv-endpoint=mlmjob-train-0.mlmjob-train:29500", "--rdzv-id=uid-1",
-                       "--max-restarts=0", "-m", "job", "train", "-c", "/config/run.yaml"]  # fmt: skip
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=8",
+        "--nnodes=4",
+        "--node-rank=3",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=mlmjob-train-0.mlmjob-train:29500",
+        "--rdzv-id=uid-1",
+        "--max-restarts=0",
+        "-m",
+        "job",
+        "train",
+        "-c",
+        "/config/run.yaml",
+    ]
     single = torchrun_command(["infer", "-c", "x.yaml"], {"MLMJOB_NPROC_PER_NODE": "2"})
     assert "--standalone" in single and "--nproc-per-node=2" in single
 
@@ -100,9 +136,22 @@ def test_exit_codes_survive_torchrun():
 
 
 def test_bad_config_exits_2_through_the_launcher(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "job.launch", "train", "-c", "configs/demo.yaml",
-                           "--set", "train.epochz=1"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "MLMJOB_NPROC_PER_NODE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "job.launch",
+            "train",
+            "-c",
+            "configs/demo.yaml",
+            "--set",
+            "train.epochz=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLMJOB_NPROC_PER_NODE": "1"},
+    )
     assert proc.returncode == 2
     assert "mlmjob: error: configs/demo.yaml: unknown key 'train.epochz'" in proc.stderr
 
@@ -112,20 +161,46 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(tmp_path, dem
     the next epoch exactly as the uninterrupted one, evaluations included, none twice."""
     from test_train import assert_same_as, kill_all, wait_for
 
-    sets = [*DEMO, "--set", f"data.output={demo_data}", "--set", "train.epochs=3",
-            "--set", "train.checkpoint_every_steps=1000", "--set", "train.eval_every_steps=null"]  # fmt: skip
+    sets = [
+        *DEMO,
+        "--set",
+        f"data.output={demo_data}",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.checkpoint_every_steps=1000",
+        "--set",
+        "train.eval_every_steps=null",
+    ]
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1"}
     cmd = [sys.executable, "-m", "job.launch", "train", *sets]
-    ref = subprocess.run([*cmd, "--set", f"run.output={tmp_path}/ref"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    ref = subprocess.run(
+        [*cmd, "--set", f"run.output={tmp_path}/ref"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "run"
-    proc = subprocess.Popen([*cmd, "--set", f"run.output={run}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "--set", f"run.output={run}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: (run / "checkpoints" / "step-7" / "COMMITTED.json").exists())
     kill_all(proc)
-    again = subprocess.run([*cmd, "--set", f"run.output={run}"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    again = subprocess.run(
+        [*cmd, "--set", f"run.output={run}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stderr
     assert_same_as(run, tmp_path / "ref")

@@ -25,8 +25,15 @@ def batch(n=64, t=128, seed=0):
 
 
 def mask(ids, sample_ids, stream=0, seed=42):
-    return mask_tokens(ids, sample_ids, seed=seed, stream=stream, special_ids=SPECIAL,
-                       mask_id=TOK.mask_token_id, vocab_size=len(TOK))  # fmt: skip
+    return mask_tokens(
+        ids,
+        sample_ids,
+        seed=seed,
+        stream=stream,
+        special_ids=SPECIAL,
+        mask_id=TOK.mask_token_id,
+        vocab_size=len(TOK),
+    )
 
 
 def test_rates_match_the_collator():
@@ -64,10 +71,16 @@ def test_mask_depends_on_sample_and_epoch_not_on_batch():
 
 def test_sparse_loss_equals_the_full_head_loss():
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=len(TOK), hidden_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=128,
-                           max_position_embeddings=130, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(TOK),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=130,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = RobertaForMaskedLM(config)
     inputs, labels = mask(batch(n=4), np.arange(4))
     inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
@@ -86,5 +99,6 @@ def test_sparse_loss_equals_the_full_head_loss():
     assert count == (labels != -100).sum()
     torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-6)
     for name, grad in full_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad,
-                                   rtol=1e-4, atol=1e-6, msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name
+        )

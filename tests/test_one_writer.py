@@ -40,12 +40,29 @@ infer: {{inputs: {inputs}, output: '{out}', batch_size: 16, lines_per_part: 50}}
 """
 
 
-def config(tmp_path: Path, synthetic, data, run, name="c.yaml", wait=2, ttl=30, steps=60,
-           inputs=(), out=None) -> Path:  # fmt: skip
-    text = CONFIG.format(run=run, wait=wait, ttl=ttl, eli5=synthetic.eli5, data=data,
-                         tok=synthetic.tokenizer, steps=steps,
-                         inputs=json.dumps([str(i) for i in inputs]),
-                         out=out or tmp_path / "out")  # fmt: skip
+def config(
+    tmp_path: Path,
+    synthetic,
+    data,
+    run,
+    name="c.yaml",
+    wait=2,
+    ttl=30,
+    steps=60,
+    inputs=(),
+    out=None,
+) -> Path:
+    text = CONFIG.format(
+        run=run,
+        wait=wait,
+        ttl=ttl,
+        eli5=synthetic.eli5,
+        data=data,
+        tok=synthetic.tokenizer,
+        steps=steps,
+        inputs=json.dumps([str(i) for i in inputs]),
+        out=out or tmp_path / "out",
+    )
     return write_config(tmp_path / name, text)
 
 
@@ -59,9 +76,15 @@ def data(tmp_path_factory, synthetic):
 def start(*args, launcher=False):
     module = "job.launch" if launcher else "job"
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1"}
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, timeout=300):
@@ -192,8 +215,7 @@ def test_other_jobs_parts_and_user_files_survive(synthetic, data, model, tmp_pat
     out = tmp_path / "out"
     a = write_lines(tmp_path / "a.txt", 120, "a")
     b = write_lines(tmp_path / "b.txt", 30, "b")
-    mlmjob("infer", "-c", config(tmp_path, synthetic, data, model, inputs=[a], out=out),
-           check=True)  # fmt: skip
+    mlmjob("infer", "-c", config(tmp_path, synthetic, data, model, inputs=[a], out=out), check=True)
     job_a = {p.name: p.read_bytes() for p in out.glob("part-*")}
     assert len(job_a) == 6  # 3 parts of 50 lines, each with its marker
     user = out / "part-00000-c000.jsonl"  # Spark's naming, in the same folder
@@ -211,8 +233,9 @@ def test_other_jobs_parts_and_user_files_survive(synthetic, data, model, tmp_pat
     a2, c2 = src / "a.txt", src / "c.txt"
     a2.write_bytes(a.read_bytes())
     c2.write_bytes(c.read_bytes())
-    cfg_glob = config(tmp_path, synthetic, data, model, inputs=[src / "*.txt"], out=out,
-                      name="glob.yaml")  # fmt: skip
+    cfg_glob = config(
+        tmp_path, synthetic, data, model, inputs=[src / "*.txt"], out=out, name="glob.yaml"
+    )
     mlmjob("infer", "-c", cfg_glob, check=True)
     c2.unlink()
     mlmjob("infer", "-c", cfg_glob, check=True)
@@ -260,8 +283,9 @@ def test_workers_that_all_find_every_part_finalize_once(where, synthetic, tmp_pa
     and exit 0 (before: two finalized, and a third read a part the first had deleted)."""
     data = str(tmp_path / "data") if where == "local" else request.getfixturevalue("s3_prefix")
     cfg = config(tmp_path, synthetic, data, "unused", wait=120)
-    procs = [start("preprocess", "-c", cfg, "--worker-index", i, "--num-workers", 4)
-             for i in range(4)]  # fmt: skip
+    procs = [
+        start("preprocess", "-c", cfg, "--worker-index", i, "--num-workers", 4) for i in range(4)
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]

@@ -21,7 +21,10 @@ CONFIG_CASES = [
     ("data.test_size=-0.1", "key 'data.test_size' must be >= 0.0, got -0.1"),
     ("train.per_device_batch_size=0", "key 'train.per_device_batch_size' must be >= 1, got 0"),
     ("train.eval_batch_size=0", "key 'train.eval_batch_size' must be >= 1, got 0"),
-    ("train.gradient_accumulation_steps=0", "key 'train.gradient_accumulation_steps' must be >= 1, got 0"),
+    (
+        "train.gradient_accumulation_steps=0",
+        "key 'train.gradient_accumulation_steps' must be >= 1, got 0",
+    ),
     ("train.mlm_probability=1", "key 'train.mlm_probability' must be < 1.0, got 1"),
     ("train.mlm_probability=0", "key 'train.mlm_probability' must be > 0.0, got 0"),
     ("train.epochs=0", "key 'train.epochs' must be >= 1, got 0"),
@@ -42,14 +45,32 @@ CONFIG_CASES = [
     ("data.shard_blocks=0", "key 'data.shard_blocks' must be >= 1, got 0"),
     ("data.max_records=0", "key 'data.max_records' must be >= 1, got 0"),
     ("run.seed=-1", "key 'run.seed' must be >= 0, got -1"),
-    ("data.sources=[gs://b/x.json]", "key 'data.sources[0].uri' must be a local path or a file://, s3://, hf:// URI, got 'gs://b/x.json'"),
-    ("run.output=gs://b/run", "key 'run.output' must be a local path or a file://, s3:// URI, got 'gs://b/run'"),
-    ("infer.inputs=[az://c/x.txt]", "key 'infer.inputs[0]' must be a local path or a file://, s3:// URI, got 'az://c/x.txt'"),
-    ("data.sources=[{uri: a.json, hf: eli5}]", "key 'data.sources[0]' must be exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset), got {'uri': 'a.json', 'hf': 'eli5'}"),
-    ("data.sources=[{split: train}]", "key 'data.sources[0]' must be exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset), got {'split': 'train'}"),
-    ("data.sources=[{uri: a.json, streaming: true}]", "key 'data.sources[0]' must be without 'hf_config', 'split', 'data_files' and 'streaming' (they apply to 'hf' datasets), got {'uri': 'a.json', 'streaming': True}"),
+    (
+        "data.sources=[gs://b/x.json]",
+        "key 'data.sources[0].uri' must be a local path or a file://, s3://, hf:// URI, got 'gs://b/x.json'",
+    ),
+    (
+        "run.output=gs://b/run",
+        "key 'run.output' must be a local path or a file://, s3:// URI, got 'gs://b/run'",
+    ),
+    (
+        "infer.inputs=[az://c/x.txt]",
+        "key 'infer.inputs[0]' must be a local path or a file://, s3:// URI, got 'az://c/x.txt'",
+    ),
+    (
+        "data.sources=[{uri: a.json, hf: eli5}]",
+        "key 'data.sources[0]' must be exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset), got {'uri': 'a.json', 'hf': 'eli5'}",
+    ),
+    (
+        "data.sources=[{split: train}]",
+        "key 'data.sources[0]' must be exactly one of 'uri' (a file, folder or glob) and 'hf' (a dataset), got {'split': 'train'}",
+    ),
+    (
+        "data.sources=[{uri: a.json, streaming: true}]",
+        "key 'data.sources[0]' must be without 'hf_config', 'split', 'data_files' and 'streaming' (they apply to 'hf' datasets), got {'uri': 'a.json', 'streaming': True}",
+    ),
     ("infer.lines_per_part=0", "key 'infer.lines_per_part' must be >= 1, got 0"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("override, message", CONFIG_CASES)
@@ -60,8 +81,12 @@ def test_validate_refuses_each_bad_value(override, message):
 
 
 def preflight(tmp_path, *sets, env=None):
-    outputs = [f"run.output={tmp_path}/run", f"data.output={tmp_path}/data",
-               f"infer.output={tmp_path}/infer", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
+    outputs = [
+        f"run.output={tmp_path}/run",
+        f"data.output={tmp_path}/data",
+        f"infer.output={tmp_path}/infer",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
     args = [a for s in (*outputs, *sets) for a in ("--set", s)]
     return mlmjob("validate", "-c", DEMO, "--preflight", *args, env=env)
 
@@ -86,8 +111,10 @@ def test_preflight_counts_the_steps_once_the_dataset_exists(tmp_path):
     proc = preflight(tmp_path, "train.epochs=2", env={"MLMJOB_NNODES": "2"})
     assert proc.returncode == 0, proc.stderr
     steps = 2 * (blocks // 16)
-    assert (f"  train: global batch 16 (8 x 2 processes x 1 accumulation), {blocks:,} train "
-            f"blocks, {steps:,} steps") in proc.stdout.splitlines()  # fmt: skip
+    assert (
+        f"  train: global batch 16 (8 x 2 processes x 1 accumulation), {blocks:,} train "
+        f"blocks, {steps:,} steps"
+    ) in proc.stdout.splitlines()
 
 
 def no_mask_tokenizer(tmp_path):
@@ -130,18 +157,29 @@ def test_preflight_names_each_problem_on_its_own_line(tmp_path):
 @pytest.mark.parametrize("case", ["no_mask", "no_weights", "small_vocab", "long_blocks"])
 def test_preflight_checks_tokenizer_and_model(tmp_path, case):
     sets, line = {
-        "no_mask": ([f"model.tokenizer={no_mask_tokenizer(tmp_path)}"],
-                    f"model.tokenizer: '{tmp_path}/nomask' has no mask token; MLM needs one"),
-        "no_weights": (["model.from_scratch=false"],
-                       "model.name_or_path: no model in 'job/sample/tokenizer' (expected "
-                       "config.json and model.safetensors (or pytorch_model.bin); found "
-                       "tokenizer.json, tokenizer_config.json)"),
-        "small_vocab": (["model.config_overrides={vocab_size: 100}"],
-                        "model.name_or_path: vocabulary 100 is smaller than the tokenizer's 948"),
-        "long_blocks": (["model.from_scratch=false", f"model.name_or_path={trained_model(tmp_path)}",
-                         "data.block_size=600"],
-                        "data.block_size: 600 tokens do not fit the model's 128 positions"),
-    }[case]  # fmt: skip
+        "no_mask": (
+            [f"model.tokenizer={no_mask_tokenizer(tmp_path)}"],
+            f"model.tokenizer: '{tmp_path}/nomask' has no mask token; MLM needs one",
+        ),
+        "no_weights": (
+            ["model.from_scratch=false"],
+            "model.name_or_path: no model in 'job/sample/tokenizer' (expected "
+            "config.json and model.safetensors (or pytorch_model.bin); found "
+            "tokenizer.json, tokenizer_config.json)",
+        ),
+        "small_vocab": (
+            ["model.config_overrides={vocab_size: 100}"],
+            "model.name_or_path: vocabulary 100 is smaller than the tokenizer's 948",
+        ),
+        "long_blocks": (
+            [
+                "model.from_scratch=false",
+                f"model.name_or_path={trained_model(tmp_path)}",
+                "data.block_size=600",
+            ],
+            "data.block_size: 600 tokens do not fit the model's 128 positions",
+        ),
+    }[case]
     proc = preflight(tmp_path, *sets)
     assert proc.returncode == 2, proc.stdout
     assert proc.stderr.strip() == f"mlmjob: error: {line}"
@@ -152,9 +190,14 @@ def trained_model(tmp_path):
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
     tok = AutoTokenizer.from_pretrained(ROOT / DEMO_TOKENIZER)
-    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=130)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+    )
     folder = tmp_path / "model"
     RobertaForMaskedLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -188,22 +231,32 @@ def test_preflight_against_s3(s3, s3_prefix, tmp_path, monkeypatch):
     src = f"{s3_prefix}/in/eli5.jsonl"
     storage.write_bytes(src, (ROOT / "job/sample/eli5-sample.jsonl").read_bytes())
     storage.write_bytes(f"{s3_prefix}/notamodel/data.json.gz", b"\x1f\x8b")
-    outs = [f"run.output={s3_prefix}/run", f"data.output={s3_prefix}/data",
-            f"infer.output={s3_prefix}/infer"]  # fmt: skip
+    outs = [
+        f"run.output={s3_prefix}/run",
+        f"data.output={s3_prefix}/data",
+        f"infer.output={s3_prefix}/infer",
+    ]
     good = preflight(tmp_path, f"data.sources=[{src}]", *outs, env=env)
     assert good.returncode == 0, good.stderr
     assert "  preprocess: 1 file(s), 0.0 MB to read" in good.stdout.splitlines()
     assert storage.list_files(s3_prefix) == [src, f"{s3_prefix}/notamodel/data.json.gz"]
-    bad = preflight(tmp_path, f"data.sources=[{s3_prefix}/in/missing.jsonl]", *outs,
-                    f"infer.inputs=[{src}]", f"infer.model={s3_prefix}/notamodel", env=env)  # fmt: skip
+    bad = preflight(
+        tmp_path,
+        f"data.sources=[{s3_prefix}/in/missing.jsonl]",
+        *outs,
+        f"infer.inputs=[{src}]",
+        f"infer.model={s3_prefix}/notamodel",
+        env=env,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         f"mlmjob: error: data.sources[0]: '{s3_prefix}/in/missing.jsonl' matches no file",
         f"mlmjob: error: infer.model: no model in '{s3_prefix}/notamodel' (expected config.json "
         "and model.safetensors (or pytorch_model.bin); found data.json.gz)",
     ]
-    wrong = preflight(tmp_path, f"data.sources=[{src}]", *outs,
-                      env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"})  # fmt: skip
+    wrong = preflight(
+        tmp_path, f"data.sources=[{src}]", *outs, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    )
     assert wrong.returncode == 2
     errors = wrong.stderr.strip().splitlines()
     assert errors and all(line.startswith("mlmjob: error: ") for line in errors)
@@ -213,11 +266,22 @@ def test_preflight_against_s3(s3, s3_prefix, tmp_path, monkeypatch):
 
 def test_preflight_resolves_hub_uris(tmp_path):
     """An hf:// source is listed on the Hub at preflight; the Hub unreachable is one line."""
-    proc = mlmjob("validate", "--preflight", "-c", "configs/demo.yaml", "--set",
-                  "data.sources=[{uri: 'hf://datasets/owner/name/data/*.parquet'}]",
-                  "--set", f"run.output={tmp_path}/run", "--set", f"data.output={tmp_path}/d",
-                  env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = mlmjob(
+        "validate",
+        "--preflight",
+        "-c",
+        "configs/demo.yaml",
+        "--set",
+        "data.sources=[{uri: 'hf://datasets/owner/name/data/*.parquet'}]",
+        "--set",
+        f"run.output={tmp_path}/run",
+        "--set",
+        f"data.output={tmp_path}/d",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("mlmjob: error: data.sources[0]: hf://datasets/owner/name/data/"
-                           "*.parquet: the Hub cannot be reached")  # fmt: skip
+    assert line.startswith(
+        "mlmjob: error: data.sources[0]: hf://datasets/owner/name/data/"
+        "*.parquet: the Hub cannot be reached"
+    )

@@ -21,8 +21,9 @@ ELI5_TOKENS = 874_594  # the tutorial's preprocess_function on every record of t
 ELI5_RECORDS = {"train": 1900, "test": 475}  # its 2,375 questions, split 80/20
 
 
-def eli5_config(src: Inputs, tmp_path: Path, output: str, extra: str = "",
-                shard_blocks: int = 100) -> Path:  # fmt: skip
+def eli5_config(
+    src: Inputs, tmp_path: Path, output: str, extra: str = "", shard_blocks: int = 100
+) -> Path:
     return write_config(
         tmp_path / "eli5.yaml",
         f"""
@@ -175,8 +176,12 @@ def test_killed_mid_write_leaves_no_manifest_and_rerun_completes(reference, synt
     cfg = eli5_config(synthetic, tmp_path, out)
     # Tiny shards make the write phase long enough to be killed inside it.
     args = ["preprocess", "-c", cfg, "--set", "data.shard_blocks=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "job", *map(str, args)], cwd=ROOT,
-                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", *map(str, args)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*/train/shard-0000*.npy")):
         time.sleep(0.005)
@@ -211,12 +216,22 @@ def test_workers_from_indexed_job_environment(tmp_path):
         f"data:\n  sources: ['{sample}']\n  output: '{out}'\n"
         f"model:\n  name_or_path: '{DEMO_TOKENIZER}'\n",
     )
-    mlmjob("preprocess", "-c", cfg, env={"JOB_COMPLETION_INDEX": "1", "MLMJOB_NUM_WORKERS": "2"},
-           check=True)  # fmt: skip
+    mlmjob(
+        "preprocess",
+        "-c",
+        cfg,
+        env={"JOB_COMPLETION_INDEX": "1", "MLMJOB_NUM_WORKERS": "2"},
+        check=True,
+    )
     assert list(out.glob("*/_work/part-00001-of-00002.npz"))
     assert not list(out.glob("*/manifest.json"))
-    mlmjob("preprocess", "-c", cfg, env={"JOB_COMPLETION_INDEX": "0", "MLMJOB_NUM_WORKERS": "2"},
-           check=True)  # fmt: skip
+    mlmjob(
+        "preprocess",
+        "-c",
+        cfg,
+        env={"JOB_COMPLETION_INDEX": "0", "MLMJOB_NUM_WORKERS": "2"},
+        check=True,
+    )
     assert list(out.glob("*/manifest.json"))
 
 
@@ -348,8 +363,10 @@ def test_parquet_and_hugging_face_sources_give_the_same_dataset(reference, synth
     import pyarrow.parquet as pq
 
     records = json.loads(gzip.decompress(synthetic.eli5.read_bytes()))
-    rows = [{"q_id": r["q_id"], "subreddit": r["subreddit"], "answers": {"text": r["answers"]["text"]}}
-            for r in records]  # fmt: skip
+    rows = [
+        {"q_id": r["q_id"], "subreddit": r["subreddit"], "answers": {"text": r["answers"]["text"]}}
+        for r in records
+    ]
     folder = tmp_path / "hf-eli5"
     folder.mkdir()
     half = len(rows) // 2

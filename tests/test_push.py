@@ -53,16 +53,31 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._reply(200, {})
         if "/preupload/" in path:
             files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                "shouldIgnore": False} for f in files]})  # fmt: skip
+            return self._reply(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in files
+                    ]
+                },
+            )
         if "/commit/" in path:
             lines = [json.loads(line) for line in body.decode().splitlines() if line]
-            files = {v["value"]["path"]: base64.b64decode(v["value"]["content"])
-                     for v in lines if v["key"] == "file"}  # fmt: skip
+            files = {
+                v["value"]["path"]: base64.b64decode(v["value"]["content"])
+                for v in lines
+                if v["key"] == "file"
+            }
             repo, revision = path.removeprefix("/api/models/").rsplit("/commit/", 1)
             hub["commits"].append({"revision": revision, "files": files, "header": lines[0]})
-            return self._reply(200, {"commitUrl": f"{hub['url']}/{repo}/commit/abc123",
-                                     "commitOid": "abc123" + "0" * 34})  # fmt: skip
+            return self._reply(
+                200,
+                {
+                    "commitUrl": f"{hub['url']}/{repo}/commit/abc123",
+                    "commitOid": "abc123" + "0" * 34,
+                },
+            )
         self._reply(404, {"error": f"not faked: {path}"})
 
 
@@ -127,11 +142,13 @@ def test_card_names_the_base_model_and_hub_dataset():
     from job.config import Config
     from job.push import model_card
 
-    cfg = Config.model_validate({
-        "model": {"name_or_path": "distilbert/distilroberta-base"},
-        "data": {"sources": [{"hf": "sentence-transformers/eli5", "split": "train"}]},
-        "train": {"push_to_hub": {"repo_id": "me/x"}},
-    })  # fmt: skip
+    cfg = Config.model_validate(
+        {
+            "model": {"name_or_path": "distilbert/distilroberta-base"},
+            "data": {"sources": [{"hf": "sentence-transformers/eli5", "split": "train"}]},
+            "train": {"push_to_hub": {"repo_id": "me/x"}},
+        }
+    )
     summary = {"perplexity": 8.5, "initial_perplexity": 20.1, "dataset_id": "eli5-abc"}
     meta = card_header(model_card(cfg, summary))
     assert meta["base_model"] == "distilbert/distilroberta-base"

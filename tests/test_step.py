@@ -17,16 +17,25 @@ from job.train.schedule import Schedule
 
 # Operations that make the host wait for the device (a value read back, or a shape that
 # depends on data).
-SYNCING = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero",
-           "aten.equal", "aten.masked_select", "aten.unique", "aten._unique2"}  # fmt: skip
+SYNCING = {
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.nonzero",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique2",
+}
 
 
 def _bool_index(args) -> bool:
     """Indexing with a boolean mask (`x[mask]`, `x[mask] = v`): its output shape depends on
     the data, so it runs a nonzero inside, below the dispatch mode; seen here as the op."""
     flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
-    return any(isinstance(a, torch.Tensor) and a.dtype in (torch.bool, torch.uint8)
-               for a in flat[1:])  # fmt: skip
+    return any(
+        isinstance(a, torch.Tensor) and a.dtype in (torch.bool, torch.uint8) for a in flat[1:]
+    )
 
 
 class SyncCounter(TorchDispatchMode):
@@ -50,8 +59,13 @@ def test_the_counter_sees_boolean_mask_indexing():
         x[mask] = 0.0
         _ = x[torch.tensor([0, 2])]  # integer indices: fixed shape, no sync
         _ = x.sum().item()
-    assert counter.ops == Counter({"aten.index (boolean mask)": 1, "aten.index_put_ (boolean mask)": 1,
-                                   "aten._local_scalar_dense": 1})  # fmt: skip
+    assert counter.ops == Counter(
+        {
+            "aten.index (boolean mask)": 1,
+            "aten.index_put_ (boolean mask)": 1,
+            "aten._local_scalar_dense": 1,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +76,16 @@ def trainer(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("step")
     # 29 steps an epoch at batch 1: the steps measured never reach an epoch end.
-    sets = [f"data.output={tmp / 'data'}", f"run.output={tmp / 'run'}", "train.epochs=100",
-            "train.log_every_steps=1000", "train.eval_every_steps=1000",
-            "train.checkpoint_every_steps=1000", f"data.cache_dir={tmp / 'cache'}",
-            "train.per_device_batch_size=1"]  # fmt: skip
+    sets = [
+        f"data.output={tmp / 'data'}",
+        f"run.output={tmp / 'run'}",
+        "train.epochs=100",
+        "train.log_every_steps=1000",
+        "train.eval_every_steps=1000",
+        "train.checkpoint_every_steps=1000",
+        f"data.cache_dir={tmp / 'cache'}",
+        "train.per_device_batch_size=1",
+    ]
     cfg = load_config("configs/demo.yaml", sets)
     preprocess(cfg)
     t = Trainer(cfg)

@@ -40,8 +40,14 @@ def eli5_records(n: int = N_RECORDS, seed: int = 0) -> list[dict]:
         if i in BAD_AT:
             texts = []  # "record has no answers"
         subreddit = ("explainlikeimfive", "askscience")[i % 2]
-        out.append({"q_id": f"q{i}", "title": f"why {i}?", "subreddit": subreddit,
-                    "answers": {"a_id": [f"a{i}-{k}" for k in range(len(texts))], "text": texts}})  # fmt: skip
+        out.append(
+            {
+                "q_id": f"q{i}",
+                "title": f"why {i}?",
+                "subreddit": subreddit,
+                "answers": {"a_id": [f"a{i}-{k}" for k in range(len(texts))], "text": texts},
+            }
+        )
     return out
 
 
@@ -73,8 +79,9 @@ def config(tmp_path: Path, source: str, out: Path, extra: str = "") -> Path:
 
 def run_workers(cfg: Path, n: int, env: dict | None = None) -> None:
     for w in range(n):
-        mlmjob("preprocess", "-c", cfg, "--worker-index", w, "--num-workers", n, env=env,
-               check=True)  # fmt: skip
+        mlmjob(
+            "preprocess", "-c", cfg, "--worker-index", w, "--num-workers", n, env=env, check=True
+        )
 
 
 def dataset(out: Path) -> tuple[Path, dict]:
@@ -112,8 +119,9 @@ def one_worker_shards(tmp_path_factory, records):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "json.gz", "parquet"])
-def test_formats_and_worker_counts_give_byte_identical_datasets(tmp_path, records, fmt,
-                                                                 one_worker_shards):  # fmt: skip
+def test_formats_and_worker_counts_give_byte_identical_datasets(
+    tmp_path, records, fmt, one_worker_shards
+):
     src = write_input(tmp_path, fmt, records)
     outs = {}
     for n in (1, 3):
@@ -123,7 +131,8 @@ def test_formats_and_worker_counts_give_byte_identical_datasets(tmp_path, record
     assert root1.name == root3.name
     assert files_of(root1) == files_of(root3)  # manifest and shards, byte for byte
     origin = {"jsonl": "{src}:{line}", "parquet": "{src} record {i}"}.get(
-        fmt.removesuffix(".gz"), "{src} record {i}")  # fmt: skip
+        fmt.removesuffix(".gz"), "{src} record {i}"
+    )
     assert manifest["malformed_records"] == 3
     assert manifest["malformed_examples"] == [
         origin.format(src=src, line=i + 1, i=i) + ": record has no answers" for i in BAD_AT
@@ -193,8 +202,10 @@ def test_truncated_gzip_names_the_file_and_position(tmp_path, records, fmt):
     data = src.read_bytes()
     src.write_bytes(data[: len(data) // 2])
     line = one_error_line(mlmjob("preprocess", "-c", config(tmp_path, f"'{src}'", tmp_path / "o")))
-    assert line.startswith(f"{src}: cannot read: truncated gzip: the compressed data ends at "
-                           f"byte {len(data) // 2} without the end-of-stream marker (after ")  # fmt: skip
+    assert line.startswith(
+        f"{src}: cannot read: truncated gzip: the compressed data ends at "
+        f"byte {len(data) // 2} without the end-of-stream marker (after "
+    )
     assert not list((tmp_path / "o").glob("*/manifest.json"))
 
 
@@ -207,8 +218,10 @@ def test_json_array_cut_mid_record_names_the_file_and_position(tmp_path, records
     assert len(cut) > 1 << 20
     src.write_bytes(gzip.compress(cut))
     line = one_error_line(mlmjob("preprocess", "-c", config(tmp_path, f"'{src}'", tmp_path / "o")))
-    assert line == (f"{src}: invalid JSON: parse error: premature EOF (detected at uncompressed byte "
-                    f"{len(cut)}, the end of the data; after 3200 records)")  # fmt: skip
+    assert line == (
+        f"{src}: invalid JSON: parse error: premature EOF (detected at uncompressed byte "
+        f"{len(cut)}, the end of the data; after 3200 records)"
+    )
 
 
 def test_invalid_utf8_deep_in_a_json_array(tmp_path, records):
@@ -218,8 +231,11 @@ def test_invalid_utf8_deep_in_a_json_array(tmp_path, records):
     data[at] = 0xFF
     src.write_bytes(bytes(data))
     line = one_error_line(mlmjob("preprocess", "-c", config(tmp_path, f"'{src}'", tmp_path / "o")))
-    found = re.fullmatch(rf"{re.escape(str(src))}: invalid JSON: lexical error: invalid bytes in "
-                         r"UTF8 string \(detected in bytes (\d+)-(\d+); after 3000 records\)", line)  # fmt: skip
+    found = re.fullmatch(
+        rf"{re.escape(str(src))}: invalid JSON: lexical error: invalid bytes in "
+        r"UTF8 string \(detected in bytes (\d+)-(\d+); after 3000 records\)",
+        line,
+    )
     assert found, line
     start, end = map(int, found.groups())
     assert start <= at < end and end - start <= 1 << 16  # the chunk ijson was parsing
@@ -241,8 +257,22 @@ class _Trickle(io.RawIOBase):
 def _arrays(rng: random.Random):
     """JSON arrays with what a chunk boundary can split: numbers, literals, escapes,
     multi-byte UTF-8, nesting, odd whitespace."""
-    values = [0, -12, 3.5e-7, 123456789012, True, False, None, "", "a\\\"b\n\u00e9\u4e2d\U0001f600",
-              {"k": [1, {"x": "\\u"}]}, [], {}, [[[]]], "\t"]  # fmt: skip
+    values = [
+        0,
+        -12,
+        3.5e-7,
+        123456789012,
+        True,
+        False,
+        None,
+        "",
+        'a\\"b\n\u00e9\u4e2d\U0001f600',
+        {"k": [1, {"x": "\\u"}]},
+        [],
+        {},
+        [[[]]],
+        "\t",
+    ]
     for _ in range(40):
         items = [rng.choice(values) for _ in range(rng.randint(0, 30))]
         text = json.dumps(items, ensure_ascii=rng.random() < 0.5)
@@ -387,8 +417,9 @@ def cutting_proxy(s3):
     yield from serve(CuttingProxy(s3.endpoint))
 
 
-def test_open_read_resumes_a_cut_body_and_gives_up_after_retries(s3_prefix, cutting_proxy,
-                                                                  monkeypatch):  # fmt: skip
+def test_open_read_resumes_a_cut_body_and_gives_up_after_retries(
+    s3_prefix, cutting_proxy, monkeypatch
+):
     data = np.random.default_rng(0).bytes(3 << 20)
     uri = f"{s3_prefix}/blob.bin"
     storage.configure()
@@ -414,8 +445,9 @@ def test_open_read_resumes_a_cut_body_and_gives_up_after_retries(s3_prefix, cutt
         f.read()
 
 
-def test_preprocess_resumes_a_broken_s3_read(tmp_path, s3_prefix, cutting_proxy, records,
-                                             one_worker_shards):  # fmt: skip
+def test_preprocess_resumes_a_broken_s3_read(
+    tmp_path, s3_prefix, cutting_proxy, records, one_worker_shards
+):
     """A connection cut mid-body while reading an input: the read resumes where it broke
     and the dataset is the one an unbroken read gives."""
     src = write_input(tmp_path, "jsonl.gz", records)
@@ -424,8 +456,9 @@ def test_preprocess_resumes_a_broken_s3_read(tmp_path, s3_prefix, cutting_proxy,
     storage.upload_file(src, uri)
     cutting_proxy.cut("/" + uri.removeprefix("s3://"), 200_000, 5)
     out = tmp_path / "out"
-    proc = mlmjob("preprocess", "-c", config(tmp_path, f"'{uri}'", out),
-                  env=cutting_proxy.env(), check=True)  # fmt: skip
+    proc = mlmjob(
+        "preprocess", "-c", config(tmp_path, f"'{uri}'", out), env=cutting_proxy.env(), check=True
+    )
     assert proc.stderr.count("resuming there") == 2
     assert len(cutting_proxy.ranges) == 3 and cutting_proxy.ranges[0] == "bytes=0-"
     assert all(int(r.removeprefix("bytes=").rstrip("-")) > 0 for r in cutting_proxy.ranges[1:])
@@ -439,18 +472,30 @@ def test_s3_parts_and_shards_with_three_workers(tmp_path, s3_prefix, records, on
     """Parts go to S3 as .npy files (upload_file) and come back through the node cache."""
     src = write_input(tmp_path, "parquet", records)
     out = f"{s3_prefix}/data"
-    cfg = config(tmp_path, f"'{src}'", tmp_path / "unused",
-                 f"  cache_dir: '{tmp_path}/cache'\n")  # fmt: skip
+    cfg = config(tmp_path, f"'{src}'", tmp_path / "unused", f"  cache_dir: '{tmp_path}/cache'\n")
     for w in range(3):
-        mlmjob("preprocess", "-c", cfg, "--set", f"data.output={out}", "--worker-index", w,
-               "--num-workers", 3, check=True)  # fmt: skip
+        mlmjob(
+            "preprocess",
+            "-c",
+            cfg,
+            "--set",
+            f"data.output={out}",
+            "--worker-index",
+            w,
+            "--num-workers",
+            3,
+            check=True,
+        )
     storage.configure()
     (manifest_uri,) = [u for u in storage.list_files(out) if u.endswith("manifest.json")]
     root = manifest_uri.rsplit("/", 1)[0]
     manifest = json.loads(storage.read_text(manifest_uri))
     shards, reference = one_worker_shards
-    got = {u[len(root) + 1 :]: storage.read_bytes(u) for u in storage.list_files(root)
-           if u.endswith(".npy")}  # fmt: skip
+    got = {
+        u[len(root) + 1 :]: storage.read_bytes(u)
+        for u in storage.list_files(root)
+        if u.endswith(".npy")
+    }
     assert got == shards and manifest["splits"] == reference["splits"]
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "part" in p.name]
 
@@ -477,11 +522,18 @@ def test_script_based_dataset_is_one_line(tmp_path):
     folder = tmp_path / "eli5_like"
     folder.mkdir()
     (folder / "eli5_like.py").write_text("import datasets\n")  # a loading script
-    line = one_error_line(mlmjob("preprocess", "-c",
-                                 config(tmp_path, f"{{hf: '{folder}', split: train}}", tmp_path / "o")))  # fmt: skip
-    assert line.startswith(f"data.sources[0]: hf:{folder} split 'train': it is a script-based "
-                           "dataset (Dataset scripts are no longer supported, but found "
-                           "eli5_like.py)")  # fmt: skip
+    line = one_error_line(
+        mlmjob(
+            "preprocess",
+            "-c",
+            config(tmp_path, f"{{hf: '{folder}', split: train}}", tmp_path / "o"),
+        )
+    )
+    assert line.startswith(
+        f"data.sources[0]: hf:{folder} split 'train': it is a script-based "
+        "dataset (Dataset scripts are no longer supported, but found "
+        "eli5_like.py)"
+    )
     assert "revision: refs/convert/parquet" in line
 
 
@@ -497,7 +549,8 @@ def test_script_based_dataset_is_one_line(tmp_path):
 def test_hf_failures_are_one_line(tmp_path, source, expected):
     src = write_input(tmp_path, "jsonl", eli5_records(10))
     source = source.replace("{src}", str(src)).replace("{tmp}", str(tmp_path))
-    proc = mlmjob("preprocess", "-c", config(tmp_path, source, tmp_path / "o"),
-                  env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    proc = mlmjob(
+        "preprocess", "-c", config(tmp_path, source, tmp_path / "o"), env={"HF_HUB_OFFLINE": "1"}
+    )
     line = one_error_line(proc)
     assert line.startswith("data.sources[0]") and expected in line, line

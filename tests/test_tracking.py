@@ -32,11 +32,24 @@ def mlflow_server(tmp_path_factory, s3):
     env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{s3.bucket}/mlflow-artifacts"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            mlflow,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{s3.bucket}/mlflow-artifacts",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -126,8 +139,12 @@ def test_tensorboard_event_files_go_to_s3(synthetic, tmp_path, data_dir, s3_pref
 def test_unreachable_tracker_is_one_warning_and_training_goes_on(synthetic, tmp_path, data_dir):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = config(synthetic, tmp_path, data_dir)
-    proc = launch(cfg, "train.report_to=[mlflow, tensorboard]", "train.max_steps=4",
-                  env={"MLFLOW_TRACKING_URI": dead})  # fmt: skip
+    proc = launch(
+        cfg,
+        "train.report_to=[mlflow, tensorboard]",
+        "train.max_steps=4",
+        env={"MLFLOW_TRACKING_URI": dead},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [ln for ln in proc.stderr.splitlines() if "tracking:" in ln]
     assert len(warnings) == 1 and "mlflow failed" in warnings[0], warnings

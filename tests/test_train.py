@@ -49,8 +49,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, synthetic):
     out = tmp_path_factory.mktemp("data")
-    cfg = write_config(out / "c.yaml", TINY.format(run="unused", eli5=synthetic.eli5, data=out,
-                                                   tok=synthetic.tokenizer))  # fmt: skip
+    cfg = write_config(
+        out / "c.yaml",
+        TINY.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer),
+    )
     mlmjob("preprocess", "-c", cfg, check=True)
     return out
 
@@ -71,15 +73,23 @@ def launch_cmd(cfg, *sets):
 
 def launch(cfg, *sets, nproc=1, env=None, timeout=600):
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": str(nproc), **(env or {})}
-    proc = subprocess.run(launch_cmd(cfg, *sets), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        launch_cmd(cfg, *sets), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
 def start(cfg, *sets, nproc=1):
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": str(nproc)}
-    return subprocess.Popen(launch_cmd(cfg, *sets), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        launch_cmd(cfg, *sets),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def events(run: Path, kind="train"):
@@ -137,8 +147,19 @@ def reference(tmp_path_factory, synthetic, data_dir):
 
 def test_single_process_outputs(reference):
     summary = json.loads((reference / "summary.json").read_text())
-    for key in ("perplexity", "eval_loss", "train_tokens", "train_seconds", "tokens_per_second",
-                "world_size", "global_step", "epochs", "dataset_id", "mfu", "gpu_hours"):  # fmt: skip
+    for key in (
+        "perplexity",
+        "eval_loss",
+        "train_tokens",
+        "train_seconds",
+        "tokens_per_second",
+        "world_size",
+        "global_step",
+        "epochs",
+        "dataset_id",
+        "mfu",
+        "gpu_hours",
+    ):
         assert key in summary, key
     assert summary["global_step"] == 24 and summary["world_size"] == 1
     assert summary["train_tokens"] == 24 * 4 * 128
@@ -163,8 +184,13 @@ def test_model_works_with_the_fill_mask_pipeline(reference):
 
 
 def test_completed_run_is_not_redone(synthetic, reference, tmp_path):
-    proc = mlmjob("train", "-c", config(synthetic, tmp_path, reference.parent / "unused"),
-                  "--set", f"run.output={reference}")  # fmt: skip
+    proc = mlmjob(
+        "train",
+        "-c",
+        config(synthetic, tmp_path, reference.parent / "unused"),
+        "--set",
+        f"run.output={reference}",
+    )
     assert proc.returncode == 0 and "run already complete" in proc.stderr
 
 
@@ -174,8 +200,12 @@ def test_two_process_ddp_and_deepspeed_agree(synthetic, tmp_path, data_dir):
         config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), no_clip, nproc=2
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ds = launch(config(synthetic, tmp_path, data_dir, tmp_path / "ds", "ds.yaml"), no_clip,
-                "train.deepspeed=configs/deepspeed/zero2.json", nproc=2)  # fmt: skip
+    ds = launch(
+        config(synthetic, tmp_path, data_dir, tmp_path / "ds", "ds.yaml"),
+        no_clip,
+        "train.deepspeed=configs/deepspeed/zero2.json",
+        nproc=2,
+    )
     assert ds.returncode == 0, ds.stderr[-3000:]
     assert "DeepSpeed configs/deepspeed/zero2.json" in ds.stderr
     ds_files = [p.name for p in (tmp_path / "ds" / "checkpoints").rglob("*optim_states*")]
@@ -297,8 +327,14 @@ def test_checkpoints_and_outputs_through_s3(synthetic, tmp_path, data_dir, s3_pr
     assert f"resuming from {s3_prefix}/run/checkpoints/step-6" in again.stderr
     summary = json.loads(storage.read_text(f"{s3_prefix}/run/summary.json"))
     assert summary["global_step"] == 12
-    for name in ("metrics.jsonl", "loss.png", "config.yaml", "model/model.safetensors",
-                 "model/tokenizer.json", "checkpoints/step-12/COMMITTED.json"):  # fmt: skip
+    for name in (
+        "metrics.jsonl",
+        "loss.png",
+        "config.yaml",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "checkpoints/step-12/COMMITTED.json",
+    ):
         assert storage.exists(f"{s3_prefix}/run/{name}"), name
     storage.download_dir(f"{s3_prefix}/run/model", tmp_path / "model")
     from transformers import pipeline
@@ -308,9 +344,15 @@ def test_checkpoints_and_outputs_through_s3(synthetic, tmp_path, data_dir, s3_pr
 
 def test_tokenizer_different_from_the_datasets_is_refused(synthetic, tmp_path, data_dir):
     (manifest,) = Path(data_dir).glob("*/manifest.json")
-    proc = mlmjob("train", "-c", config(synthetic, tmp_path, data_dir),
-                  "--set", f"data.dataset={manifest.parent}",
-                  "--set", f"model.name_or_path={ROOT}/job/sample/tokenizer")  # fmt: skip
+    proc = mlmjob(
+        "train",
+        "-c",
+        config(synthetic, tmp_path, data_dir),
+        "--set",
+        f"data.dataset={manifest.parent}",
+        "--set",
+        f"model.name_or_path={ROOT}/job/sample/tokenizer",
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"mlmjob: error: model.tokenizer: '{ROOT}/job/sample/tokenizer' differs from the "
@@ -322,8 +364,14 @@ def test_train_applied_before_preprocess_waits_for_the_dataset(synthetic, tmp_pa
     """As `kubectl apply -k` starts every Job at once: train waits for the manifest."""
     cfg = config(synthetic, tmp_path, tmp_path / "data")
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1", "MLMJOB_WAIT_SECONDS": "300"}
-    proc = subprocess.Popen(launch_cmd(cfg, "train.max_steps=4"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        launch_cmd(cfg, "train.max_steps=4"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     head = []
     for line in proc.stderr:  # until the job says it waits (start-up takes seconds)
         head.append(line)
@@ -336,9 +384,11 @@ def test_train_applied_before_preprocess_waits_for_the_dataset(synthetic, tmp_pa
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 4
 
 
-NO_DROPOUT = ("model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
-              "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
-              "attention_probs_dropout_prob: 0.0}")  # fmt: skip
+NO_DROPOUT = (
+    "model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
+    "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
+    "attention_probs_dropout_prob: 0.0}"
+)
 
 
 def test_deepspeed_zero2_resume_matches_uninterrupted(synthetic, tmp_path, data_dir):
@@ -386,8 +436,12 @@ def test_gradient_accumulation_equals_data_parallel(synthetic, tmp_path, data_di
     """1 process x 2 micro-batches of 4 = 2 processes x 4: same samples, same averaged
     gradient (dropout off: the two layouts draw dropout masks from different streams)."""
     sets = (NO_DROPOUT, "train.max_steps=8", "train.eval_every_steps=8")
-    accum = launch(config(synthetic, tmp_path, data_dir, tmp_path / "accum", "a.yaml"), *sets,
-                   "train.gradient_accumulation_steps=2", nproc=1)  # fmt: skip
+    accum = launch(
+        config(synthetic, tmp_path, data_dir, tmp_path / "accum", "a.yaml"),
+        *sets,
+        "train.gradient_accumulation_steps=2",
+        nproc=1,
+    )
     assert accum.returncode == 0, accum.stderr[-3000:]
     ddp = launch(config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "d.yaml"), *sets, nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -400,9 +454,14 @@ def tiny_model_parameters(tokenizer: Path) -> int:
     from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    config = RobertaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=128,
-                           pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        pad_token_id=tok.pad_token_id,
+    )
     return sum(p.numel() for p in RobertaForMaskedLM(config).parameters())
 
 
@@ -420,8 +479,12 @@ def test_zero3_decays_what_ddp_decays_and_trains_the_same(synthetic, tmp_path, d
         config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), *sets, nproc=nproc
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    z3 = launch(config(synthetic, tmp_path, data_dir, tmp_path / "z3", "z3.yaml"), *sets,
-                "train.deepspeed=configs/deepspeed/zero3.json", nproc=nproc)  # fmt: skip
+    z3 = launch(
+        config(synthetic, tmp_path, data_dir, tmp_path / "z3", "z3.yaml"),
+        *sets,
+        "train.deepspeed=configs/deepspeed/zero3.json",
+        nproc=nproc,
+    )
     assert z3.returncode == 0, z3.stderr[-3000:]
     assert optimizer_line(z3.stderr) == optimizer_line(ddp.stderr)
     assert optimizer_line(ddp.stderr).startswith("AdamW, weight decay on 16 tensors")
@@ -447,8 +510,12 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
 ):
     """Before: the schedule was in steps, so halving the global batch at a resume trained
     for ~2.6 of 2 epochs, and the learning rate jumped."""
-    sets = ["train.max_steps=null", "train.epochs=2", "train.eval_every_steps=null",
-            "train.checkpoint_every_steps=1000"]  # fmt: skip
+    sets = [
+        "train.max_steps=null",
+        "train.epochs=2",
+        "train.eval_every_steps=null",
+        "train.checkpoint_every_steps=1000",
+    ]
     if deepspeed:
         sets.append(f"train.deepspeed={deepspeed}")
     cfg = config(synthetic, tmp_path, data_dir)
@@ -469,8 +536,11 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
     for e in steps:
         batch = 8 if e["step"] <= stopped else 4
         assert e["samples_seen"] == seen_before + batch, e
-        lr = 1e-3 * (seen_before / warmup if seen_before < warmup
-                     else (total - seen_before) / (total - warmup))  # fmt: skip
+        lr = 1e-3 * (
+            seen_before / warmup
+            if seen_before < warmup
+            else (total - seen_before) / (total - warmup)
+        )
         assert e["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-15), e
         seen_before = e["samples_seen"]
     assert seen_before == total
@@ -494,8 +564,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     damaged.write_bytes(bytes(data))
     again = launch(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (f"checkpoint {run}/checkpoints/step-12 is damaged (model.safetensors: checksum "
-            "mismatch); falling back to the previous one") in again.stderr  # fmt: skip
+    assert (
+        f"checkpoint {run}/checkpoints/step-12 is damaged (model.safetensors: checksum "
+        "mismatch); falling back to the previous one"
+    ) in again.stderr
     assert f"resuming from {run}/checkpoints/step-6" in again.stderr
     assert_same_as(run, reference)
 
@@ -506,14 +578,32 @@ def test_one_download_per_shard_for_the_ranks_of_a_node(
     """Before: every rank downloaded (and hashed) every shard: 8 GPUs, 8 copies a node."""
     data = f"{s3_prefix}/data"
     cfg = config(synthetic, tmp_path, data_dir, run=f"{s3_prefix}/run")
-    mlmjob("preprocess", "-c", cfg, "--set", f"data.output={data}", "--set",
-           "data.shard_blocks=64", check=True)  # fmt: skip
+    mlmjob(
+        "preprocess",
+        "-c",
+        cfg,
+        "--set",
+        f"data.output={data}",
+        "--set",
+        "data.shard_blocks=64",
+        check=True,
+    )
     s3_proxy.reset()
-    proc = launch(cfg, f"data.output={data}", "data.shard_blocks=64", "train.max_steps=2",
-                  f"data.cache_dir={tmp_path / 'cache'}", nproc=2, env=s3_proxy.env())  # fmt: skip
+    proc = launch(
+        cfg,
+        f"data.output={data}",
+        "data.shard_blocks=64",
+        "train.max_steps=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        nproc=2,
+        env=s3_proxy.env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shard_gets = {path: n for (method, path), n in s3_proxy.counts.items()
-                  if method == "GET" and path.endswith(".npy")}  # fmt: skip
+    shard_gets = {
+        path: n
+        for (method, path), n in s3_proxy.counts.items()
+        if method == "GET" and path.endswith(".npy")
+    }
     n_shards = -(-blocks(data_dir, "train") // 64) + -(-blocks(data_dir, "test") // 64)
     assert len(shard_gets) == n_shards > 2
     assert set(shard_gets.values()) == {1}

@@ -131,8 +131,10 @@ def write_ckpt(run: str, step: int, files: dict[str, bytes] | None = None, commi
     for rel, data in files.items():
         storage.write_bytes(f"{uri}/{rel}", data)
     if commit:
-        listed = {rel: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-                  for rel, d in files.items()}  # fmt: skip
+        listed = {
+            rel: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+            for rel, d in files.items()
+        }
         storage.write_text(f"{uri}/COMMITTED.json", json.dumps({"step": step, "files": listed}))
     return uri
 
@@ -157,8 +159,9 @@ def accelerator(other_nodes_damaged=()):
         return t + float(next(verdicts))
 
     n = 2 if other_nodes_damaged else 1
-    return SimpleNamespace(is_local_main_process=True, num_processes=n,
-                           device=torch.device("cpu"), reduce=reduce)  # fmt: skip
+    return SimpleNamespace(
+        is_local_main_process=True, num_processes=n, device=torch.device("cpu"), reduce=reduce
+    )
 
 
 def test_committed_is_newest_first_by_number_and_skips_uncommitted_and_truncated(tmp_path):
@@ -168,8 +171,11 @@ def test_committed_is_newest_first_by_number_and_skips_uncommitted_and_truncated
     write_ckpt(run, 200, commit=False)  # in progress, or killed before its marker
     damage(write_ckpt(run, 150), truncate=True)  # a file of the wrong size
     c = f"{run}/checkpoints"
-    assert checkpoint.committed(run) == [(100, f"{c}/step-100"), (10, f"{c}/step-10"),
-                                         (9, f"{c}/step-9")]  # fmt: skip
+    assert checkpoint.committed(run) == [
+        (100, f"{c}/step-100"),
+        (10, f"{c}/step-10"),
+        (9, f"{c}/step-9"),
+    ]
     assert checkpoint.latest(run) == (100, f"{c}/step-100")
     assert checkpoint.latest(str(tmp_path / "nothing")) is None
 
@@ -195,9 +201,13 @@ def test_a_missing_file_makes_a_checkpoint_damaged(tmp_path, caplog):
 )
 def test_latest_for_every_spelling_of_a_local_run_folder(tmp_path, monkeypatch, where):
     monkeypatch.chdir(tmp_path)
-    run = {"abs": str(tmp_path / "run"), "abs/": f"{tmp_path}/run/",
-           "file://": f"file://{tmp_path}/run", "./rel": "./run",
-           "step-dir": str(tmp_path / "sweep" / "step-1" / "run")}[where]  # fmt: skip
+    run = {
+        "abs": str(tmp_path / "run"),
+        "abs/": f"{tmp_path}/run/",
+        "file://": f"file://{tmp_path}/run",
+        "./rel": "./run",
+        "step-dir": str(tmp_path / "sweep" / "step-1" / "run"),
+    }[where]
     on_path = storage.local_path(run)
     for step in (6, 12):
         write_ckpt(str(on_path), step)
@@ -256,8 +266,10 @@ def test_fetch_falls_back_from_a_checksum_mismatch(tmp_path, caplog):
     # exactly step 12's files, nothing left of the damaged attempt (rng_1.pth)
     assert sorted(p.name for p in got.local.iterdir()) == ["model.safetensors", "train_state.json"]
     assert (got.local / "model.safetensors").read_bytes() == b"weights of step 12" * 10
-    assert (f"checkpoint {damaged} is damaged (model.safetensors: checksum mismatch); falling "
-            "back to the previous one") in caplog.text  # fmt: skip
+    assert (
+        f"checkpoint {damaged} is damaged (model.safetensors: checksum mismatch); falling "
+        "back to the previous one"
+    ) in caplog.text
 
 
 def test_fetch_falls_back_when_another_node_saw_damage(tmp_path, caplog):
@@ -298,8 +310,12 @@ def run_epoch(order, schedule, world, per_rank, accum=1, start=0):
     steps, sample = [], start
     while not schedule.epoch_over(sample, gb):
         starts = [sample + m * per_rank * world for m in range(accum)]
-        steps.append([np.concatenate([batch_ids(order, s, r, per_rank) for s in starts])
-                      for r in range(world)])  # fmt: skip
+        steps.append(
+            [
+                np.concatenate([batch_ids(order, s, r, per_rank) for s in starts])
+                for r in range(world)
+            ]
+        )
         sample += gb
     return steps
 
@@ -507,12 +523,23 @@ def test_should_check_preemption_truth_table():
 
 # ---- 7. TrainState through a checkpoint -----------------------------------------------
 
-SAVED = {"step": 37, "epoch": 2, "sample": 40, "samples_seen": 296, "tokens": 18944,
-         "base_batch": 8, "world_size": 2, "train_seconds": 12.5, "wall_seconds": 20.25,
-         "window_seconds": 0.75, "window_loss": 123.5, "window_tokens": 41.0,
-         "last_eval": {"eval_loss": 2.5, "perplexity": 12.18, "eval_tokens": 99, "step": 30},
-         "initial_eval": {"eval_loss": 6.9, "perplexity": 992.3, "eval_tokens": 99},
-         "tracker_runs": {"mlflow": "0123456789abcdef0123456789abcdef"}}  # fmt: skip
+SAVED = {
+    "step": 37,
+    "epoch": 2,
+    "sample": 40,
+    "samples_seen": 296,
+    "tokens": 18944,
+    "base_batch": 8,
+    "world_size": 2,
+    "train_seconds": 12.5,
+    "wall_seconds": 20.25,
+    "window_seconds": 0.75,
+    "window_loss": 123.5,
+    "window_tokens": 41.0,
+    "last_eval": {"eval_loss": 2.5, "perplexity": 12.18, "eval_tokens": 99, "step": 30},
+    "initial_eval": {"eval_loss": 6.9, "perplexity": 992.3, "eval_tokens": 99},
+    "tracker_runs": {"mlflow": "0123456789abcdef0123456789abcdef"},
+}
 
 
 def test_train_state_round_trips_every_field_through_json():
@@ -532,8 +559,13 @@ def test_train_state_keeps_the_base_batch_when_the_world_size_changes():
     st = TrainState(base_batch=12, world_size=3)  # what the new Trainer starts with
     st.load_state_dict(json.loads(json.dumps(SAVED)))
     assert (st.base_batch, st.world_size, st.epoch, st.sample) == (8, 2, 2, 40)
-    stub = SimpleNamespace(state=st, world=3, accelerator=None, restored=None,
-                           cfg=SimpleNamespace(train=SimpleNamespace(deepspeed=None)))  # fmt: skip
+    stub = SimpleNamespace(
+        state=st,
+        world=3,
+        accelerator=None,
+        restored=None,
+        cfg=SimpleNamespace(train=SimpleNamespace(deepspeed=None)),
+    )
     Trainer._rescale(stub)
     assert st.state_dict() == {**SAVED, "world_size": 3}
 

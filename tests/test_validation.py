@@ -94,15 +94,25 @@ def checkpoint_steps(run: Path) -> list[int]:
         ("train.learning_rate=.inf", "key 'train.learning_rate' must be a finite number, got inf"),
         ("train.learning_rate=inf", "key 'train.learning_rate' must be a finite number, got 'inf'"),
         ("train.learning_rate=.nan", "key 'train.learning_rate' must be a finite number, got nan"),
-        ("train.max_grad_norm=-.inf", "key 'train.max_grad_norm' must be a finite number, got -inf"),
+        (
+            "train.max_grad_norm=-.inf",
+            "key 'train.max_grad_norm' must be a finite number, got -inf",
+        ),
         ("data.test_size=.nan", "key 'data.test_size' must be a finite number, got nan"),
-        ("run.lease_wait_seconds=.inf", "key 'run.lease_wait_seconds' must be a finite number, got inf"),
-        ("model.config_overrides={layer_norm_eps: .inf}",
-         "key 'model.config_overrides.layer_norm_eps' must be a finite number, got inf"),
-        ("model.config_overrides={rope_scaling: {factor: .nan}}",
-         "key 'model.config_overrides.rope_scaling' must be a finite number, got {'factor': nan}"),
+        (
+            "run.lease_wait_seconds=.inf",
+            "key 'run.lease_wait_seconds' must be a finite number, got inf",
+        ),
+        (
+            "model.config_overrides={layer_norm_eps: .inf}",
+            "key 'model.config_overrides.layer_norm_eps' must be a finite number, got inf",
+        ),
+        (
+            "model.config_overrides={rope_scaling: {factor: .nan}}",
+            "key 'model.config_overrides.rope_scaling' must be a finite number, got {'factor': nan}",
+        ),
     ],
-)  # fmt: skip
+)
 @pytest.mark.unit
 def test_non_finite_numbers_are_refused_naming_the_key(override, message):
     with pytest.raises(BadInput) as e:
@@ -112,8 +122,13 @@ def test_non_finite_numbers_are_refused_naming_the_key(override, message):
 
 @pytest.mark.unit
 def test_finite_numbers_still_load():
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.learning_rate=1e-3",
-                      "model.config_overrides={layer_norm_eps: 1.0e-12, rope: [1.5]}"])  # fmt: skip
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            "train.learning_rate=1e-3",
+            "model.config_overrides={layer_norm_eps: 1.0e-12, rope: [1.5]}",
+        ],
+    )
     assert cfg.train.learning_rate == 1e-3
     assert cfg.model.config_overrides == {"layer_norm_eps": 1e-12, "rope": [1.5]}
 
@@ -121,8 +136,15 @@ def test_finite_numbers_still_load():
 def test_infinite_learning_rate_exits_2_before_training(tmp_path):
     run = tmp_path / "run"
     for command in ("validate", "train"):
-        proc = mlmjob(command, "-c", "configs/demo.yaml", "--set", "train.learning_rate=.inf",
-                      "--set", f"run.output={run}")  # fmt: skip
+        proc = mlmjob(
+            command,
+            "-c",
+            "configs/demo.yaml",
+            "--set",
+            "train.learning_rate=.inf",
+            "--set",
+            f"run.output={run}",
+        )
         assert one_error(proc) == (
             "configs/demo.yaml: key 'train.learning_rate' must be a finite number, got inf"
         )
@@ -135,16 +157,24 @@ def test_infinite_learning_rate_exits_2_before_training(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("run:\n  output: a\ntrain:\n  epochs: 1\nrun:\n  seed: 1\n",
-         "c.yaml:5: invalid YAML: duplicate key 'run' (first at line 1)"),
-        ("train: {learning_rate: 1.0e-3, learning_rate: 2.0e-3}\n",
-         "c.yaml:1: invalid YAML: duplicate key 'train.learning_rate' (first at line 1)"),
-        ("train:\n  epochs: 1\n  max_steps: 2\n  epochs: 3\n",
-         "c.yaml:4: invalid YAML: duplicate key 'train.epochs' (first at line 2)"),
-        ("data:\n  sources:\n  - {uri: a.json, uri: b.json}\n",
-         "c.yaml:3: invalid YAML: duplicate key 'data.sources[0].uri' (first at line 3)"),
+        (
+            "run:\n  output: a\ntrain:\n  epochs: 1\nrun:\n  seed: 1\n",
+            "c.yaml:5: invalid YAML: duplicate key 'run' (first at line 1)",
+        ),
+        (
+            "train: {learning_rate: 1.0e-3, learning_rate: 2.0e-3}\n",
+            "c.yaml:1: invalid YAML: duplicate key 'train.learning_rate' (first at line 1)",
+        ),
+        (
+            "train:\n  epochs: 1\n  max_steps: 2\n  epochs: 3\n",
+            "c.yaml:4: invalid YAML: duplicate key 'train.epochs' (first at line 2)",
+        ),
+        (
+            "data:\n  sources:\n  - {uri: a.json, uri: b.json}\n",
+            "c.yaml:3: invalid YAML: duplicate key 'data.sources[0].uri' (first at line 3)",
+        ),
     ],
-)  # fmt: skip
+)
 @pytest.mark.unit
 def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path, text, message):
     path = write_config(tmp_path / "c.yaml", text)
@@ -172,8 +202,11 @@ def test_duplicate_key_exits_2_with_one_line(tmp_path):
 @pytest.mark.unit
 def test_json_writer_refuses_nan_and_infinity(tmp_path):
     assert jsonio.dumps({"a": [1.5, None]}) == '{"a": [1.5, null]}'
-    for bad, where in [({"loss": math.nan}, "loss"), ({"e": [{"x": math.inf}]}, "e[0].x"),
-                       ([-math.inf], "[0]")]:  # fmt: skip
+    for bad, where in [
+        ({"loss": math.nan}, "loss"),
+        ({"e": [{"x": math.inf}]}, "e[0].x"),
+        ([-math.inf], "[0]"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(f"not JSON: {where} is")):
             jsonio.dumps(bad)
     metrics = Metrics(str(tmp_path), None)
@@ -223,8 +256,15 @@ def test_gzip_of_nothing_is_still_empty_without_a_line(tmp_path, caplog):
 def test_preprocess_with_a_zero_byte_gz_among_the_sources(tmp_path):
     (tmp_path / "empty.json.gz").write_bytes(b"")
     sources = f"data.sources=[{ROOT}/job/sample/eli5-sample.jsonl, {tmp_path}/empty.json.gz]"
-    proc = mlmjob("preprocess", "-c", "configs/demo.yaml", "--set", sources,
-                  "--set", f"data.output={tmp_path / 'data'}")  # fmt: skip
+    proc = mlmjob(
+        "preprocess",
+        "-c",
+        "configs/demo.yaml",
+        "--set",
+        sources,
+        "--set",
+        f"data.output={tmp_path / 'data'}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "0 bytes" in line]
     assert len(said) == 1 and said[0].endswith(
@@ -241,15 +281,21 @@ def test_preprocess_with_a_zero_byte_gz_among_the_sources(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, synthetic):
     out = tmp_path_factory.mktemp("data")
-    cfg = write_config(out / "c.yaml", TINY.format(run="unused", eli5=synthetic.eli5, data=out,
-                                                   tok=synthetic.tokenizer))  # fmt: skip
+    cfg = write_config(
+        out / "c.yaml",
+        TINY.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer),
+    )
     mlmjob("preprocess", "-c", cfg, check=True)
     return out
 
 
 def config(synthetic, tmp_path: Path, data_dir: Path) -> Path:
-    return write_config(tmp_path / "c.yaml", TINY.format(run=tmp_path / "run", eli5=synthetic.eli5,
-                                                         data=data_dir, tok=synthetic.tokenizer))  # fmt: skip
+    return write_config(
+        tmp_path / "c.yaml",
+        TINY.format(
+            run=tmp_path / "run", eli5=synthetic.eli5, data=data_dir, tok=synthetic.tokenizer
+        ),
+    )
 
 
 def train(cfg: Path, *sets: str):
@@ -325,8 +371,13 @@ def test_nan_eval_loss_stops_before_the_checkpoint(synthetic, tmp_path, data_dir
     """Step 5's update makes the weights NaN: its (finite) train loss is logged, then the
     evaluation of step 5 is NaN and its checkpoint is never written."""
     run = tmp_path / "run"
-    proc = train(config(synthetic, tmp_path, data_dir), *DIVERGE, "train.log_every_steps=5",
-                 "train.eval_every_steps=5", "train.checkpoint_every_steps=5")  # fmt: skip
+    proc = train(
+        config(synthetic, tmp_path, data_dir),
+        *DIVERGE,
+        "train.log_every_steps=5",
+        "train.eval_every_steps=5",
+        "train.checkpoint_every_steps=5",
+    )
     which, step, good = diverged(proc, run)
     assert (which, step, good) == ("eval", 5, None)
     assert [e["step"] for e in strict_lines(run / "metrics.jsonl")] == [5]  # train only
@@ -337,9 +388,13 @@ def test_huge_finite_eval_loss_completes_with_a_capped_perplexity(synthetic, tmp
     """Weights blown up but finite: eval loss above 709.78, where exp overflows (this was
     an OverflowError, exit 1). Warmup keeps the learning rate at 10 x step."""
     run = tmp_path / "run"
-    proc = train(config(synthetic, tmp_path, data_dir), "train.learning_rate=1.0e+6",
-                 "train.warmup_steps=100000", "train.max_steps=4",
-                 "train.checkpoint_every_steps=100")  # fmt: skip
+    proc = train(
+        config(synthetic, tmp_path, data_dir),
+        "train.learning_rate=1.0e+6",
+        "train.warmup_steps=100000",
+        "train.max_steps=4",
+        "train.checkpoint_every_steps=100",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = strict((run / "summary.json").read_text())
     assert summary["eval_loss"] > 709.79
@@ -378,8 +433,15 @@ def launch_cmd(cfg: Path, *sets: str) -> list[str]:
 
 def start(cfg: Path, *sets: str, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1", **(env or {})}
-    return subprocess.Popen(launch_cmd(cfg, *sets), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        launch_cmd(cfg, *sets),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def sigterm_when(proc: subprocess.Popen, text: str) -> str:
@@ -396,8 +458,14 @@ def sigterm_when(proc: subprocess.Popen, text: str) -> str:
 
 
 def resubmit_completes(cfg: Path, run: Path, *sets: str) -> None:
-    proc = subprocess.run(launch_cmd(cfg, *sets), cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "MLMJOB_NPROC_PER_NODE": "1"}, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        launch_cmd(cfg, *sets),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLMJOB_NPROC_PER_NODE": "1"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" not in proc.stderr  # nothing was checkpointed: it starts over
     assert strict((run / "summary.json").read_text())["global_step"] == 4
@@ -427,8 +495,10 @@ def test_sigterm_in_the_initial_evaluation_exits_3(synthetic, tmp_path, data_dir
     """In process, the SIGTERM arriving in the middle of the evaluation before step 1."""
     from job.train.loop import Trainer
 
-    cfg = load_config(config(synthetic, tmp_path, data_dir), ["train.max_steps=4",
-                      f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    cfg = load_config(
+        config(synthetic, tmp_path, data_dir),
+        ["train.max_steps=4", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
     old = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(Preemption, "_installed", None)
     try:

@@ -126,8 +126,11 @@ class NpyAppender:
         self.data_offset = self.f.tell()
 
     def _header(self, length: int) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (length,)}  # fmt: skip
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (length,),
+        }
         np.lib.format.write_array_header_1_0(self.f, header)
 
     def append(self, array: np.ndarray) -> None:
@@ -175,8 +178,9 @@ class PartWriter:
         ids, lens = blocks_mod.encode(self.tok, texts, self.ids.dtype)
         it = iter(lens.tolist())
         self.ids.append(ids)
-        self.lengths.append(np.asarray([next(it) if r.text is not None else -1
-                                        for r in self.batch], dtype=np.int64))  # fmt: skip
+        self.lengths.append(
+            np.asarray([next(it) if r.text is not None else -1 for r in self.batch], dtype=np.int64)
+        )
         self.tokens += len(ids)
         self.progress.update(len(self.batch))
         self.batch.clear()
@@ -211,8 +215,9 @@ def _tokenize_part(
         storage.staged(_part_file(part_uri, "lengths"), staging, ".npy") as lengths_path,
         bar(desc=f"tokenize (worker {worker}/{num_workers})", unit=" rec") as progress,
     ):
-        part = PartWriter(tok, NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64),
-                          progress)  # fmt: skip
+        part = PartWriter(
+            tok, NpyAppender(ids_path, dtype), NpyAppender(lengths_path, np.int64), progress
+        )
         stream = iter_records(cfg.data, keep=keep, inputs=inputs)
         for j, rec in _mine(enumerate(stream), worker, num_workers):
             part.add(j, rec)
@@ -223,9 +228,13 @@ def _tokenize_part(
     seconds = time.perf_counter() - start
     log.info(
         "worker %d: %d records (%d malformed), %d tokens in %.1f s (%.0f tokens/s)",
-        worker, part.records, part.bad_count, part.tokens, seconds,
+        worker,
+        part.records,
+        part.bad_count,
+        part.tokens,
+        seconds,
         part.tokens / max(seconds, 1e-9),
-    )  # fmt: skip
+    )
 
 
 # ---- 2. finalizing ---------------------------------------------------------------------
@@ -236,8 +245,10 @@ def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap | None]:
     pages can be released: mapped pages count as the process's memory until then)."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}[version]  # fmt: skip
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }[version]
         shape, fortran, dtype = read_header(f)
         offset = f.tell()
         if fortran or len(shape) != 1:
@@ -403,8 +414,7 @@ def _finalize(cfg: Config, tok, root: str, records: Parts, inputs: list | None =
         tokens = int(records.length[kept].sum())
         blocks = tokens // d.block_size
         with bar(desc=f"write {split}", total=blocks, unit=" blocks") as progress:
-            writer = shards.SplitWriter(root, split, d.block_size, d.shard_blocks, dtype,
-                                        progress)  # fmt: skip
+            writer = shards.SplitWriter(root, split, d.block_size, d.shard_blocks, dtype, progress)
             for at in range(0, len(kept), GATHER_BATCH):
                 writer.add(records.gather(kept[at : at + GATHER_BATCH]))
                 records.release()
@@ -426,7 +436,13 @@ def _summary(manifest: dict, seconds: float, root: str) -> None:
     log.info(
         "preprocess: %d records (%d malformed skipped), %d tokens, %d blocks "
         "(train %d, test %d) in %.1f s, %.0f tokens/s -> %s",
-        sum(v["records"] for v in s.values()), manifest["malformed_records"], tokens,
-        sum(v["blocks"] for v in s.values()), s["train"]["blocks"], s["test"]["blocks"],
-        seconds, tokens / max(seconds, 1e-9), root,
-    )  # fmt: skip
+        sum(v["records"] for v in s.values()),
+        manifest["malformed_records"],
+        tokens,
+        sum(v["blocks"] for v in s.values()),
+        s["train"]["blocks"],
+        s["test"]["blocks"],
+        seconds,
+        tokens / max(seconds, 1e-9),
+        root,
+    )

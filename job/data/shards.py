@@ -84,8 +84,15 @@ class SplitWriter:
     one with what is left, and a remainder shorter than a block is dropped. Memory is one
     shard."""
 
-    def __init__(self, root: str, split: str, block_size: int, shard_blocks: int,
-                 dtype: np.dtype, progress=None):  # fmt: skip
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        block_size: int,
+        shard_blocks: int,
+        dtype: np.dtype,
+        progress=None,
+    ):
         self.root, self.split, self.progress = root, split, progress
         self.block_size, self.shard_blocks = block_size, shard_blocks
         self._buf = np.empty(shard_blocks * block_size, dtype)

@@ -595,9 +595,16 @@ def _iter_hf(
         i += 1
 
 
-_NETWORK_ERRORS = {"ConnectionError", "TimeoutError", "LocalEntryNotFoundError",
-                   "OfflineModeIsEnabled", "ConnectError", "ReadTimeout", "ConnectTimeout",
-                   "RemoteProtocolError"}  # fmt: skip
+_NETWORK_ERRORS = {
+    "ConnectionError",
+    "TimeoutError",
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "ConnectError",
+    "ReadTimeout",
+    "ConnectTimeout",
+    "RemoteProtocolError",
+}
 
 
 def _is_network(e: BaseException) -> bool:

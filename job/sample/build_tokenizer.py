@@ -15,8 +15,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000,
-                    min_frequency: int = 2):  # fmt: skip
+def build_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000, min_frequency: int = 2
+):
     """Train a byte-level BPE on `texts` with roberta-base's conventions and save it to
     `out_dir` (`AutoTokenizer.from_pretrained(out_dir)` loads it). Returns the tokenizer."""
     from tokenizers import AddedToken, ByteLevelBPETokenizer, processors
@@ -24,9 +25,11 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=min_frequency,
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-    )  # fmt: skip
+    )
     # As in roberta-base: " <mask>" takes the space before it, so "a <mask>" masks a word.
     bpe.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
     bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))

@@ -75,9 +75,14 @@ class Masker:
     def batch(self, data, sample_ids: np.ndarray, stream: int) -> MaskedBatch:
         """One micro-batch of `data` (a BlockData), masked and laid out on the host."""
         inputs, labels = mask_tokens(
-            data.get(sample_ids), sample_ids, seed=self.seed, stream=stream,
-            special_ids=self.special, mask_id=self.mask_id, vocab_size=self.vocab_size,
+            data.get(sample_ids),
+            sample_ids,
+            seed=self.seed,
+            stream=stream,
+            special_ids=self.special,
+            mask_id=self.mask_id,
+            vocab_size=self.vocab_size,
             probability=self.probability,
-        )  # fmt: skip
+        )
         batch = MaskedBatch.build(inputs, labels)
         return batch.pin() if self.pin else batch

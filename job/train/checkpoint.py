@@ -178,8 +178,11 @@ def fetch(accelerator, run_output: str, staging: Path) -> Restored | None:
         if accelerator.is_local_main_process:
             problem = _download_verified(uri, local)
         if _any_rank(accelerator, problem is not None):
-            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", uri,
-                        problem or "on another node")  # fmt: skip
+            log.warning(
+                "checkpoint %s is damaged (%s); falling back to the previous one",
+                uri,
+                problem or "on another node",
+            )
             continue
         _refuse_unsafe(accelerator, uri, local)
         return Restored(step, uri, local, json.loads((local / STATE).read_text()))

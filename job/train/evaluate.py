@@ -41,9 +41,12 @@ def dataset_manifest(cfg: Config, tok):
 
 
 def masked_lm_loss(
-    accelerator, wrapper, n_samples: int, make_batch: Callable[[np.ndarray], MaskedBatch],
+    accelerator,
+    wrapper,
+    n_samples: int,
+    make_batch: Callable[[np.ndarray], MaskedBatch],
     batch_size: int,
-) -> dict:  # fmt: skip
+) -> dict:
     """Token-weighted masked-LM loss of `wrapper` (a SparseMLM, prepared or not) over
     samples 0..n_samples-1, rank r taking every world-th sample from r."""
     import torch
@@ -151,13 +154,19 @@ def evaluate(cfg: Config) -> int:
         if not manifest.blocks("test"):
             raise BadInput(f"{manifest.uri}: the test split is empty (data.test_size is 0)")
         data = BlockData(manifest, "test", cfg.cache_dir, acc.is_local_main_process)
-        model = load_pretrained(AutoModelForMaskedLM, uri, cfg.cache_dir / "models",
-                                "infer.model", attn_implementation="sdpa")  # fmt: skip
+        model = load_pretrained(
+            AutoModelForMaskedLM,
+            uri,
+            cfg.cache_dir / "models",
+            "infer.model",
+            attn_implementation="sdpa",
+        )
     wrapper = acc.prepare_model(SparseMLM(model), evaluation_mode=True)
     masker = Masker.of(tok, cfg.run.seed, cfg.train.mlm_probability, acc.device.type == "cuda")
     bs = cfg.train.eval_batch_size or cfg.train.per_device_batch_size
-    result = masked_lm_loss(acc, wrapper, len(data),
-                            lambda ids: masker.batch(data, ids, EVAL_STREAM), bs)  # fmt: skip
+    result = masked_lm_loss(
+        acc, wrapper, len(data), lambda ids: masker.batch(data, ids, EVAL_STREAM), bs
+    )
     if not math.isfinite(result["eval_loss"]):  # all-reduced: every rank raises
         raise BadInput(
             f"infer.model: '{uri}' gives eval loss {result['eval_loss']} on the test split of "
@@ -172,10 +181,17 @@ def evaluate(cfg: Config) -> int:
 
 def _report(cfg: Config, uri: str, manifest, result: dict, world: int, precision: str) -> None:
     out = storage.join(cfg.run.output, "eval", f"{result_name(uri)}.json")
-    record = {"model": uri, "dataset_id": manifest.data["dataset_id"], "split": "test",
-              **result, "eval_blocks": manifest.blocks("test"), "seed": cfg.run.seed,
-              "mlm_probability": cfg.train.mlm_probability, "world_size": world,
-              "precision": precision}  # fmt: skip
+    record = {
+        "model": uri,
+        "dataset_id": manifest.data["dataset_id"],
+        "split": "test",
+        **result,
+        "eval_blocks": manifest.blocks("test"),
+        "seed": cfg.run.seed,
+        "mlm_probability": cfg.train.mlm_probability,
+        "world_size": world,
+        "precision": precision,
+    }
     storage.write_text(out, jsonio.dumps(record, indent=2) + "\n")
     log.info("wrote %s", out)
     ppl, loss, n = result["perplexity"], result["eval_loss"], result["eval_tokens"]

@@ -89,8 +89,9 @@ class Trainer:
         self._load_data()
         self.schedule = Schedule.build(t, len(self.train_data), self.state.base_batch)
         self._build_model()
-        self.masker = Masker.of(self.tok, cfg.run.seed, t.mlm_probability,
-                                pin=self.accelerator.device.type == "cuda")  # fmt: skip
+        self.masker = Masker.of(
+            self.tok, cfg.run.seed, t.mlm_probability, pin=self.accelerator.device.type == "cuda"
+        )
         self.orders: dict[int, np.ndarray] = {}
         self.orders_lock = threading.Lock()
 
@@ -105,8 +106,13 @@ class Trainer:
         st, acc = self.state, self.accelerator
         if st.world_size == self.world:
             return
-        log.warning("process count changed from %d to %d: continuing at global sample %d of "
-                    "epoch %d", st.world_size, self.world, st.sample, st.epoch)  # fmt: skip
+        log.warning(
+            "process count changed from %d to %d: continuing at global sample %d of epoch %d",
+            st.world_size,
+            self.world,
+            st.sample,
+            st.epoch,
+        )
         if self.cfg.train.deepspeed:
             if acc.is_local_main_process:
                 log.info("converting %s to a universal checkpoint", self.restored.uri)
@@ -185,8 +191,9 @@ class Trainer:
         t = self.cfg.train
         B, order = t.per_device_batch_size, self._order(epoch)
         starts = [sample + m * B * self.world for m in range(t.gradient_accumulation_steps)]
-        return [self._masked(batch_ids(order, s, self.rank, B), epoch, self.train_data)
-                for s in starts]  # fmt: skip
+        return [
+            self._masked(batch_ids(order, s, self.rank, B), epoch, self.train_data) for s in starts
+        ]
 
     def _next_key(self) -> tuple[int, int]:
         """Where the step after this one starts (a guess the prefetcher acts on)."""
@@ -210,10 +217,12 @@ class Trainer:
         """Token-weighted masked-LM loss over the whole eval split and every rank."""
         t = self.cfg.train
         return masked_lm_loss(
-            self.accelerator, self.wrapper, len(self.eval_data),
+            self.accelerator,
+            self.wrapper,
+            len(self.eval_data),
             lambda ids: self._masked(ids, EVAL_STREAM, self.eval_data),
             t.eval_batch_size or t.per_device_batch_size,
-        )  # fmt: skip
+        )
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -248,8 +257,11 @@ class Trainer:
             raise BadInput(
                 f"eval loss is {loss} before the first step: {name} gives no finite loss"
             )
-        log.info("before training: eval loss %.4f, perplexity %.3f",
-                 st.initial_eval["eval_loss"], st.initial_eval["perplexity"])  # fmt: skip
+        log.info(
+            "before training: eval loss %.4f, perplexity %.3f",
+            st.initial_eval["eval_loss"],
+            st.initial_eval["perplexity"],
+        )
 
     def iteration(self) -> bool:
         """A step and what follows it; True when the ranks agree to stop for a SIGTERM."""
@@ -292,9 +304,19 @@ class Trainer:
         self.wall_before = st.wall_seconds
         how = f"{s.epochs} epochs" if s.epochs else "max_steps"
         ds = f", DeepSpeed {cfg.train.deepspeed}" if cfg.train.deepspeed else ""
-        log.info("training %s: %d processes, global batch %d x %d tokens, %d samples in all "
-                 "(%s of %d), precision %s%s", cfg.run.name, self.world, self.global_batch,
-                 self.block, s.total_samples, how, s.epoch_samples, self.precision, ds)  # fmt: skip
+        log.info(
+            "training %s: %d processes, global batch %d x %d tokens, %d samples in all "
+            "(%s of %d), precision %s%s",
+            cfg.run.name,
+            self.world,
+            self.global_batch,
+            self.block,
+            s.total_samples,
+            how,
+            s.epoch_samples,
+            self.precision,
+            ds,
+        )
 
     def train_step(self) -> None:
         """One optimizer step. Nothing in it waits for the accelerator: shapes are known on
@@ -337,11 +359,22 @@ class Trainer:
         self._stop_if_diverged(loss, "train loss")
         self.progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if self.metrics:
-            self.metrics.log({"event": "train", "step": st.step, "epoch": st.epoch,
-                              "samples": st.sample, "samples_seen": st.samples_seen,
-                              "loss": loss, "lr": self.lr, "tokens_per_s": rate})  # fmt: skip
-            self.tracking.log({"train_loss": loss, "lr": self.lr, "tokens_per_s": rate,
-                               "epoch": st.epoch}, st.step)  # fmt: skip
+            self.metrics.log(
+                {
+                    "event": "train",
+                    "step": st.step,
+                    "epoch": st.epoch,
+                    "samples": st.sample,
+                    "samples_seen": st.samples_seen,
+                    "loss": loss,
+                    "lr": self.lr,
+                    "tokens_per_s": rate,
+                }
+            )
+            self.tracking.log(
+                {"train_loss": loss, "lr": self.lr, "tokens_per_s": rate, "epoch": st.epoch},
+                st.step,
+            )
             if not storage.is_s3(self.cfg.run.output):
                 self.metrics.flush()
 
@@ -369,13 +402,22 @@ class Trainer:
         st.last_eval = {**result, "step": st.step}
         if self.metrics:
             self.metrics.log({"event": "eval", "step": st.step, "epoch": st.epoch, **result})
-            self.tracking.log({"eval_loss": result["eval_loss"], "eval_perplexity":
-                               result["perplexity"], "eval_tokens": result["eval_tokens"]},
-                              st.step)  # fmt: skip
+            self.tracking.log(
+                {
+                    "eval_loss": result["eval_loss"],
+                    "eval_perplexity": result["perplexity"],
+                    "eval_tokens": result["eval_tokens"],
+                },
+                st.step,
+            )
             self.metrics.flush()
             self.metrics.plot()
-        log.info("step %d: eval loss %.4f, perplexity %.3f", st.step, result["eval_loss"],
-                 result["perplexity"])  # fmt: skip
+        log.info(
+            "step %d: eval loss %.4f, perplexity %.3f",
+            st.step,
+            result["eval_loss"],
+            result["perplexity"],
+        )
 
     def maybe_checkpoint(self, epoch_end: bool) -> None:
         if should_checkpoint(self.state.step, self.cfg.train.checkpoint_every_steps, epoch_end):
@@ -453,17 +495,24 @@ class Trainer:
                 from job.push import push
 
                 push(self.cfg)  # a failure is logged; the run is complete either way
-            log.info("done: perplexity %s after %d steps, %.0f tokens/s -> %s",
-                     summary["perplexity"], st.step, summary["tokens_per_second"],
-                     self.cfg.run.output)  # fmt: skip
+            log.info(
+                "done: perplexity %s after %d steps, %.0f tokens/s -> %s",
+                summary["perplexity"],
+                st.step,
+                summary["tokens_per_second"],
+                self.cfg.run.output,
+            )
         acc.wait_for_everyone()
         self.tracking.finish()
         acc.end_training()
 
     def _track_summary(self, summary: dict) -> None:
         """The final figures as metrics at the last step, and the run's files."""
-        figures = {f"summary/{k}": v for k, v in summary.items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+        figures = {
+            f"summary/{k}": v
+            for k, v in summary.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         self.tracking.log(figures, self.state.step)
         out = self.cfg.run.output
         files = {"summary.json": (jsonio.dumps(summary, indent=2) + "\n").encode()}
@@ -475,8 +524,9 @@ class Trainer:
         out = self.cfg.run.output
         local = self.staging / "model"
         model = self.accelerator.unwrap_model(self.wrapper).model
-        model.save_pretrained(local, state_dict={k.removeprefix("model."): v
-                                                 for k, v in state_dict.items()})  # fmt: skip
+        model.save_pretrained(
+            local, state_dict={k.removeprefix("model."): v for k, v in state_dict.items()}
+        )
         self.tok.save_pretrained(local)
         storage.delete_prefix(storage.join(out, "model"))
         storage.upload_dir(local, storage.join(out, "model"))
@@ -509,10 +559,10 @@ class Trainer:
             "parameters": count_parameters(model),
             "mfu": mfu(
                 model.config, self.block, cfg.train.mlm_probability, tps, self.world, device
-            ),  # fmt: skip
+            ),
             "gpu_hours": round(st.wall_seconds * self.world / 3600, 4)
             if device.type == "cuda"
-            else 0.0,  # fmt: skip
+            else 0.0,
             "model": storage.join(cfg.run.output, "model"),
             # This attempt's batch building (a resumed run counts from its restart).
             "input_hidden_fraction": round(self.prefetch.stats.hidden_fraction, 4),

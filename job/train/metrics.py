@@ -56,8 +56,9 @@ class Metrics:
         evals = [e for e in self.events if e["event"] == "eval"]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         ax1.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
-        ax1.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-",
-                 label="eval loss")  # fmt: skip
+        ax1.plot(
+            [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss"
+        )
         ax1.set_xlabel("step")
         ax1.set_ylabel("masked-LM loss")
         ax1.legend()

@@ -29,8 +29,14 @@ def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Mo
     if cfg.from_scratch:
         return from_config(config)
     key, cache = "model.name_or_path", cache_dir / "models"
-    return load_pretrained(AutoModelForMaskedLM, cfg.name_or_path, cache, key, config=config,
-                           attn_implementation="sdpa")  # fmt: skip
+    return load_pretrained(
+        AutoModelForMaskedLM,
+        cfg.name_or_path,
+        cache,
+        key,
+        config=config,
+        attn_implementation="sdpa",
+    )
 
 
 def model_config(cfg: ModelConfig, tok, cache_dir: Path, block_size: int):
@@ -83,15 +89,19 @@ def from_config(config, meta: bool = False) -> nn.Module:
 
 def _fit(config, tok, block_size: int, from_scratch: bool) -> None:
     if config.vocab_size < len(tok):
-        raise BadInput(f"model.name_or_path: vocabulary {config.vocab_size} is smaller than the "
-                       f"tokenizer's {len(tok)}")  # fmt: skip
+        raise BadInput(
+            f"model.name_or_path: vocabulary {config.vocab_size} is smaller than the "
+            f"tokenizer's {len(tok)}"
+        )
     # RoBERTa-style models offset positions by pad_token_id + 1 (2 for roberta-base)
     offset = (config.pad_token_id or 0) + 1 if "roberta" in config.model_type else 0
     if config.max_position_embeddings >= block_size + offset:
         return
     if not from_scratch:
-        raise BadInput(f"data.block_size: {block_size} tokens do not fit the model's "
-                       f"{config.max_position_embeddings - offset} positions")  # fmt: skip
+        raise BadInput(
+            f"data.block_size: {block_size} tokens do not fit the model's "
+            f"{config.max_position_embeddings - offset} positions"
+        )
     config.max_position_embeddings = block_size + offset
 
 

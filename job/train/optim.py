@@ -37,8 +37,10 @@ class Groups:
     no_decay_numel: int
 
     def describe(self) -> str:
-        return (f"weight decay on {len(self.decay)} tensors ({self.decay_numel:,} parameters), "
-                f"none on {len(self.no_decay)} ({self.no_decay_numel:,})")  # fmt: skip
+        return (
+            f"weight decay on {len(self.decay)} tensors ({self.decay_numel:,} parameters), "
+            f"none on {len(self.no_decay)} ({self.no_decay_numel:,})"
+        )
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> tuple[torch.optim.Optimizer, Groups]:
@@ -50,7 +52,9 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> tuple[torch.optim.Optim
             (decay if yes else no_decay).append(p)
             names[0 if yes else 1].append(name)
     groups = Groups(names[0], names[1], sum(map(numel, decay)), sum(map(numel, no_decay)))
-    params = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    params = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     # Fused AdamW: one kernel per step on GPU, and ~7x faster than foreach on CPU too.
     return torch.optim.AdamW(params, lr=t.learning_rate, fused=True), groups

@@ -27,10 +27,20 @@ class Schedule:
         # samples whatever batch a resumed run uses.
         epoch_samples = n_train // base_batch * base_batch
         if t.max_steps:
-            return cls(t.learning_rate, t.warmup_steps * base_batch,
-                       t.max_steps * base_batch, epoch_samples, None)  # fmt: skip
-        return cls(t.learning_rate, t.warmup_steps * base_batch,
-                   t.epochs * epoch_samples, epoch_samples, t.epochs)  # fmt: skip
+            return cls(
+                t.learning_rate,
+                t.warmup_steps * base_batch,
+                t.max_steps * base_batch,
+                epoch_samples,
+                None,
+            )
+        return cls(
+            t.learning_rate,
+            t.warmup_steps * base_batch,
+            t.epochs * epoch_samples,
+            epoch_samples,
+            t.epochs,
+        )
 
     def lr(self, seen: int) -> float:
         """get_linear_schedule_with_warmup at `seen` samples done (as the Trainer: the first

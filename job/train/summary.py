@@ -5,8 +5,15 @@ from __future__ import annotations
 from job.train.model import flops_per_token
 
 # Dense bf16 peak per GPU (no sparsity), from the vendors' data sheets.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L4": 121e12, "A10G": 125e12, "V100": 125e12}  # fmt: skip
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "V100": 125e12,
+}
 
 
 def device_name(device) -> str:

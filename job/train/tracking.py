@@ -79,8 +79,11 @@ class Tracking:
         for name in names:
             acc.log_with, acc.trackers = [name], []
             try:
-                acc.init_trackers(cfg.run.name, None if run_ids else flat_params(cfg),
-                                  _init_kwargs(name, cfg, run_ids.get(name)))  # fmt: skip
+                acc.init_trackers(
+                    cfg.run.name,
+                    None if run_ids else flat_params(cfg),
+                    _init_kwargs(name, cfg, run_ids.get(name)),
+                )
                 started += acc.trackers
             except Exception as e:  # any failure of an optional side channel
                 self._warn(name, e)
