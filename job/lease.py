@@ -1,11 +1,13 @@
 """One writer per output: a lease on a folder, renewed while its holder runs.
 
-`{output}/_lease.json` names the holder (host, pid, start time, a random token) and when
-it last renewed. It is created only if absent and replaced only if unchanged since it was
-read (`storage.write_if`: S3 conditional writes, `If-None-Match: *` / `If-Match`; locally an
-exclusive lock around read-compare-rename), so of two writers racing for it exactly one
-wins. A thread renews it every quarter of `run.lease_ttl_seconds`; a lease not renewed for
-a whole TTL belongs to a holder that was killed and is taken over. A second writer waits
+`{output}/_lease.json`, present while a writer runs, names the holder (host, pid, start
+time, a random token) and when it last renewed. It is created only if absent, replaced only
+if unchanged since it was read and deleted at the end only if still the holder's
+(`storage.write_if` / `delete_if`: S3 conditional requests, `If-None-Match: *` / `If-Match`;
+locally an exclusive lock on the folder around read-compare-rename), so of two writers
+racing for it exactly one wins. A thread renews it every quarter of
+`run.lease_ttl_seconds`; a lease not renewed for a whole TTL belongs to a holder that was
+killed and is taken over. A second writer waits
 up to `run.lease_wait_seconds` for the holder to let go, then exits 2 naming it.
 
 While held, the output's prefix is fenced in `storage`: every write checks the lease (a
@@ -200,16 +202,21 @@ class Lease:
             self.verified = time.monotonic()
 
     def release(self) -> None:
-        """Mark the lease released (the next writer takes it at once), if still ours."""
+        """Delete the lease file if it is still ours (compare-and-delete); where the store
+        refuses a conditional delete, mark it released instead. Either way the next writer
+        takes it at once."""
         self._stop.set()
         with self._lock:
             if self.lost or self.record is None:
                 return
-            record = Record(**{**asdict(self.record), "released": True})
             try:
-                storage.write_if(self.uri, record.encode(), self.version)
-            except Exception as e:  # it expires on its own
-                log.warning("%s: could not release the lease (%s)", self.output, e)
+                storage.delete_if(self.uri, self.version)
+            except Exception:
+                record = Record(**{**asdict(self.record), "released": True})
+                try:
+                    storage.write_if(self.uri, record.encode(), self.version)
+                except Exception as e:  # it expires on its own
+                    log.warning("%s: could not release the lease (%s)", self.output, e)
 
 
 @contextmanager

@@ -611,12 +611,8 @@ def write_if(uri: str, data: bytes, version: str | None) -> str | None:
     exclusive lock on a sidecar file, around read, compare and rename."""
     if is_s3(uri):
         return _s3_write_if(uri, data, version)
-    import fcntl
-
     path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(path), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _folder_lock(path):
         current = read_versioned(uri)
         if (current[1] if current else None) != version:
             return None
@@ -624,15 +620,49 @@ def write_if(uri: str, data: bytes, version: str | None) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
-def _lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")
+def delete_if(uri: str, version: str) -> bool:
+    """Compare-and-delete: remove `uri` only if it is still at `version` (S3: a DELETE
+    with `If-Match`). False when another writer changed it first."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        loc = split_s3(uri)
+        try:
+            _s3_call(
+                uri, lambda c: c.delete_object(Bucket=loc.bucket, Key=loc.key, IfMatch=version)
+            )
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in _CONFLICT:
+                return False
+            raise
+        except FileNotFoundError:
+            return False
+        return True
+    path = local_path(uri)
+    with _folder_lock(path):
+        current = read_versioned(uri)
+        if not current or current[1] != version:
+            return False
+        path.unlink()
+    return True
 
 
-def delete_versioned(uri: str) -> None:
-    """Remove an object written by write_if (locally, its lock file too)."""
-    delete(uri)
-    if not is_s3(uri):
-        _lock_path(local_path(uri)).unlink(missing_ok=True)
+@contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the folder holding `path` (flock on the folder itself: no lock
+    file left beside the outputs)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def _s3_write_if(uri: str, data: bytes, version: str | None) -> str | None:
@@ -647,8 +677,7 @@ def _s3_write_if(uri: str, data: bytes, version: str | None) -> str | None:
     except FileNotFoundError:  # If-Match on an object deleted meanwhile
         return None
     except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+        if str(e.response.get("Error", {}).get("Code", "")) not in _CONFLICT:
             raise
         # A retried PUT whose first attempt did land fails its own condition: it is ours
         # when the object holds exactly what this call wrote.

@@ -22,6 +22,17 @@ def output(request, tmp_path):
     return s3_prefix
 
 
+def test_delete_if_removes_only_the_version_read(output):
+    uri = storage.join(output, "x.json")
+    first = storage.write_if(uri, b"a", None)
+    second = storage.write_if(uri, b"b", first)
+    assert not storage.delete_if(uri, first)
+    assert storage.read_versioned(uri) == (b"b", second)
+    assert storage.delete_if(uri, second)
+    assert storage.read_versioned(uri) is None
+    assert not storage.delete_if(uri, second)
+
+
 def test_write_if_creates_once_and_replaces_only_the_version_read(output):
     uri = storage.join(output, "x.json")
     first = storage.write_if(uri, b"a", None)
@@ -70,7 +81,8 @@ def test_second_writer_waits_then_names_the_holder(output):
 
 def test_released_lease_is_taken_at_once(output):
     with lease.hold(output, wait=0, ttl=30, what="run.output"):
-        pass
+        assert storage.exists(storage.join(output, "_lease.json"))
+    assert storage.list_files(output) == []  # deleted at release: nothing left beside outputs
     start = time.monotonic()
     with lease.hold(output, wait=0, ttl=30, what="run.output"):
         assert time.monotonic() - start < 5

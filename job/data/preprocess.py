@@ -91,8 +91,6 @@ def _finalize_once(cfg: Config, tok, root: str, parts: list[str], inputs, start:
             log.info("dataset finalized by another worker: %s", root)
             return
         manifest = finalize(cfg, tok, root, parts, inputs)
-    # The manifest now says "complete" to every reader: the lease has nothing left to guard.
-    storage.delete_versioned(storage.join(root, FINALIZE_LEASE))
     _summary(manifest, time.perf_counter() - start, root)
 
 
