@@ -124,15 +124,17 @@ class Lease:
 
     def _try_take(self) -> Record | None:
         """Take the lease if free or expired; else return its live holder."""
-        now = time.time()
-        mine = Record(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, self.ttl)
-        current = storage.read_versioned(self.uri)
-        old = Record.decode(current[0]) if current else None
-        if current and old and not old.expired(now):
-            return old
-        version = storage.write_if(self.uri, mine.encode(), current[1] if current else None)
-        if version is None:  # another writer got there first: see who, next time round
-            return Record.decode((storage.read_versioned(self.uri) or (b"",))[0]) or mine
+        while True:
+            now = time.time()
+            mine = Record(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, self.ttl)
+            current = storage.read_versioned(self.uri)
+            old = Record.decode(current[0]) if current else None
+            if current and old and not old.expired(now):
+                return old
+            version = storage.write_if(self.uri, mine.encode(), current[1] if current else None)
+            if version is not None:
+                break
+            # another writer changed it between the read and the write: look again
         if current and old and not old.released:
             log.warning("%s: took over an expired lease (%s)", self.output, old.describe(now))
         elif current and not old:

@@ -419,7 +419,7 @@ class _S3Reader(io.RawIOBase):
         try:
             self._body = _s3_call(self.uri, lambda c: c.get_object(**kwargs))["Body"]
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            if e.response.get("Error", {}).get("Code") in _CONFLICT[:2]:  # If-Match failed
                 raise TransientStorageError(
                     f"{self.uri}: the object changed while it was being read; worth a retry"
                 ) from None

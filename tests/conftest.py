@@ -261,6 +261,25 @@ def mlmjob(*args, env: dict | None = None, check: bool = False, timeout: float =
     return proc
 
 
+def wait_for(predicate, timeout: float = 300, poll: float = 0.05) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def preprocessed(tmp_path_factory, synthetic, template: str) -> Path:
+    """A data folder holding the dataset that `template` (a config with {run}, {eli5},
+    {data} and {tok} fields) preprocesses from the synthetic records: for module fixtures."""
+    out = tmp_path_factory.mktemp("data")
+    text = template.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer)
+    mlmjob("preprocess", "-c", write_config(out / "c.yaml", text), check=True)
+    return out
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, S3Proxy, Weed, serve, write_config
+from conftest import ROOT, S3Proxy, Weed, serve, wait_for, write_config
 
 from job import storage
 
@@ -147,7 +147,7 @@ def test_a_20_second_outage_in_every_command_changes_nothing(
         if command == "train":
             marker = "s3://test/outage/run/checkpoints/step-10/COMMITTED.json"
             with pointed_at(weed):
-                wait_for(lambda: storage.exists(marker))
+                wait_for(lambda: storage.exists(marker), timeout=600, poll=0.2)
         else:
             time.sleep(1.0)
         weed.stop()
@@ -180,12 +180,3 @@ def test_throttling_a_third_of_the_requests_slows_but_changes_nothing(
     finally:
         gen.close()
     assert outputs(weed, "s3://test/slowdown") == reference
-
-
-def wait_for(predicate, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")

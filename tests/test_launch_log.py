@@ -6,8 +6,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mlmjob, write_config
-from test_train import TINY, events, launch, preempt, start, wait_for
+from conftest import ROOT, preprocessed, wait_for, write_config
+from test_train import TINY, events, launch, preempt, start
 
 from job.launch import explained, leave_exit, read_exits
 from job.train import checkpoint
@@ -17,13 +17,7 @@ TORCHRUN_REPORT = ("Traceback", "ChildFailedError", "FAILED", "failed (exitcode"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, synthetic):
-    out = tmp_path_factory.mktemp("data")
-    cfg = write_config(
-        out / "c.yaml",
-        TINY.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer),
-    )
-    mlmjob("preprocess", "-c", cfg, check=True)
-    return out
+    return preprocessed(tmp_path_factory, synthetic, TINY)
 
 
 def run_config(synthetic, data, tmp_path):

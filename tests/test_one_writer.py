@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, mlmjob, write_config
+from conftest import ROOT, mlmjob, wait_for, write_config
 
 from job import storage
 from job.errors import StorageError
@@ -85,15 +85,6 @@ def start(*args, launcher=False):
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_for(predicate, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def events(run: str) -> list[dict]:

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import mlmjob, write_config
-from test_train import TINY, events, kill_all, launch, start, wait_for
+from conftest import preprocessed, wait_for, write_config
+from test_train import TINY, events, kill_all, launch, start
 
 from job.train.state import LossWindow, TrainState
 
@@ -51,13 +51,7 @@ SETS = (
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, synthetic):
-    out = tmp_path_factory.mktemp("data")
-    cfg = write_config(
-        out / "c.yaml",
-        TINY.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer),
-    )
-    mlmjob("preprocess", "-c", cfg, check=True)
-    return out
+    return preprocessed(tmp_path_factory, synthetic, TINY)
 
 
 def run_config(synthetic, data, tmp_path, name: str):

@@ -7,12 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, Inputs, mlmjob, write_config
+from conftest import ROOT, Inputs, mlmjob, preprocessed, wait_for, write_config
 from safetensors.torch import load_file
 
 from job import storage
@@ -48,13 +47,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, synthetic):
-    out = tmp_path_factory.mktemp("data")
-    cfg = write_config(
-        out / "c.yaml",
-        TINY.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer),
-    )
-    mlmjob("preprocess", "-c", cfg, check=True)
-    return out
+    return preprocessed(tmp_path_factory, synthetic, TINY)
 
 
 def config(src: Inputs, tmp_path: Path, data_dir, run=None, name="c.yaml") -> Path:
@@ -125,15 +118,6 @@ def preempt(cfg, run: Path, *sets, nproc=1, after=5) -> str:
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
     return err
-
-
-def wait_for(predicate, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 @pytest.fixture(scope="module")

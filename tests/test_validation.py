@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mlmjob, write_config
+from conftest import ROOT, mlmjob, preprocessed, write_config
 
 from job import jsonio
 from job.config import DataConfig, load_config
@@ -280,13 +280,7 @@ def test_preprocess_with_a_zero_byte_gz_among_the_sources(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, synthetic):
-    out = tmp_path_factory.mktemp("data")
-    cfg = write_config(
-        out / "c.yaml",
-        TINY.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer),
-    )
-    mlmjob("preprocess", "-c", cfg, check=True)
-    return out
+    return preprocessed(tmp_path_factory, synthetic, TINY)
 
 
 def config(synthetic, tmp_path: Path, data_dir: Path) -> Path:
