@@ -73,7 +73,8 @@ def run() -> dict:
         )
         env = {**os.environ, "MLMJOB_NO_PROGRESS": "1"}
         code = (
-            "import json, sys; from job.config import load_config; from job.infer import infer;"
+            "import json, sys; from job.config import load_config; "
+            "from job.commands.infer import infer;"
             "print(json.dumps(infer(load_config(sys.argv[1]))))"
         )
         proc = subprocess.run(

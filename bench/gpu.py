@@ -16,7 +16,7 @@ train   (a) mlmjob's step as job/train/loop.py runs it: SparseMLM, MaskedBatch b
         (gpu_trainer.py). Both train warmup + timed + profiled steps on the same blocks with
         the same schedule, then are evaluated by one procedure on one fixed masked set.
 zero2   (a) again, but through accelerate + DeepSpeed ZeRO-2 as job.train.accel builds it.
-infer   job.infer.FillMask (run_part, the CLI's code) against pipeline("fill-mask").
+infer   job.infer.fill_mask.FillMask (run_part, the CLI's code) against pipeline("fill-mask").
 
 How each figure is measured is in the JSON's "methods". --smoke runs every code path on
 the CPU with a tiny model; its figures mean nothing.
@@ -96,7 +96,7 @@ METHODS = {
     "WORLD_SIZE=1, LOCAL_RANK=0. Chosen over running `mlmjob train`: its tokens_per_second "
     "averages over every step including the first (start-up), and it reports no peak memory.",
     "infer_lines_per_s": "lines / wall seconds after the model is loaded and one warm-up "
-    "batch has run; FillMask through job.infer.run_part (read, encode, sort by length, "
+    "batch has run; FillMask through job.infer.fill_mask.run_part (read, encode, sort by length, "
     "batch 64, top-k, describe), the pipeline one call per line or batch_size=64.",
 }
 
@@ -374,7 +374,8 @@ def make_lines(n: int) -> list[str]:
 def time_fillmask(model_dir: str, lines_file: Path, precision: str, device: str) -> dict:
     from tqdm import tqdm
 
-    from job.infer import FillMask, read_lines, run_part
+    from job.infer.fill_mask import FillMask, run_part
+    from job.infer.lines import read_lines
 
     cfg = Config()
     cfg.infer.top_k, cfg.infer.batch_size = 5, 64

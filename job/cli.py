@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 
 from job import env, launch, orphan, redact, storage
-from job.config import dump_yaml, load_config
+from job.config import load_config
 from job.errors import EXIT_BAD_INPUT, EXIT_RETRY, BadInput, StorageError, TransientStorageError
 from job.log import setup_logging
 
-# The commands' modules import torch (seconds): each is imported when its command runs, so
-# that `mlmjob validate` answers at once.
+# Each command is one module, job/commands/<command>.py, with a `main`. They import torch
+# (seconds): each is imported when its command runs, so that `mlmjob validate` answers at once.
+
+
+# The commands that split their work over `--worker-index` x torchrun's ranks.
+SHARDED = ("preprocess", "infer")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "validate":
             what = "also check sources, model, tokenizer, outputs and credentials"
             s.add_argument("--preflight", action="store_true", help=what)
-        if name in ("preprocess", "infer"):
+        if name in SHARDED:
             s.add_argument("--worker-index", type=int, default=None)
             s.add_argument("--num-workers", type=int, default=None)
     return p
@@ -101,50 +106,19 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.retry_seconds)
     if args.command == "validate":
-        return _validate(cfg, args.preflight)
-    if args.command in OUTPUT_KEY:  # before the first write (a lease, a cache folder)
+        from job.commands import validate
+
+        return validate.main(cfg, args.preflight)
+    key = OUTPUT_KEY.get(args.command)
+    if key:  # before the first write (a lease, a cache folder)
         from job.preflight import check_output
 
-        key = OUTPUT_KEY[args.command]
         section, name = key.split(".")
         check_output(key, getattr(getattr(cfg, section), name))
-    worker = env.worker(getattr(args, "worker_index", None), getattr(args, "num_workers", None))
-    if args.command == "preprocess":
-        from job.data.preprocess import preprocess
-
-        print(preprocess(cfg, *worker))  # the dataset URI, for scripts
-        return 0
-    if args.command == "train":
-        from job.train.loop import train
-
-        return train(cfg)
-    if args.command == "push":
-        from job.push import push
-
-        return push(cfg)
-    if args.command == "evaluate":
-        from job.train.evaluate import evaluate
-
-        return evaluate(cfg)
-    from job.infer import infer
-
-    infer(cfg, *worker)
-    return 0
-
-
-def _validate(cfg, preflight: bool) -> int:
-    if not preflight:
-        print(dump_yaml(cfg), end="")
-        return 0
-    from job.preflight import preflight as run_preflight
-
-    report = run_preflight(cfg)
-    if report.problems:
-        raise BadInput("\n".join(report.problems))
-    print("preflight: ok")
-    for line in report.plan:
-        print(f"  {line}")
-    return 0
+    command = importlib.import_module(f"job.commands.{args.command}")
+    if args.command in SHARDED:
+        return command.main(cfg, *env.worker(args.worker_index, args.num_workers))
+    return command.main(cfg)
 
 
 if __name__ == "__main__":

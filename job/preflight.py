@@ -20,7 +20,7 @@ from job import env, storage
 from job.config import Config, dump_yaml
 from job.data import shards
 from job.data.blocks import load_tokenizer
-from job.data.sources import hub_files
+from job.data.hub import hub_files
 from job.errors import BadInput, StorageError, TransientStorageError
 from job.pretrained import check_weights, expect_files
 from job.train.accel import deepspeed_config

@@ -28,6 +28,7 @@ SAMPLE = ROOT / "job" / "sample"
 TINY = """
 run:
   output: '{run}'
+  lease_ttl_seconds: 10  # a killed run's lease expires in seconds, not a minute
   seed: 42
 data:
   sources: ['{sample}/eli5-sample.jsonl']

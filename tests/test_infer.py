@@ -19,7 +19,7 @@ from conftest import ROOT, Inputs, mlmjob, write_config
 from job import storage
 
 CONFIG = """
-run: {{output: '{run}'}}
+run: {{output: '{run}', lease_ttl_seconds: 6}}  # a killed worker's lease: 6 s
 data: {{sources: ['{eli5}'], output: '{data}', max_records: 200}}
 model:
   name_or_path: '{tok}'
@@ -173,7 +173,7 @@ def assert_complete(out: Path, inputs: list[Path], lines: int):
 
 
 def test_interrupted_job_resumes_without_loss_or_repeats(synthetic, tmp_path, model_dir):
-    inputs = make_inputs(tmp_path / "in", lines=1500)
+    inputs = make_inputs(tmp_path / "in", lines=300)  # a part each: seconds of work
     out = tmp_path / "out"
     cfg = config(synthetic, tmp_path, model_dir, [tmp_path / "in" / "*.txt"])
     proc = subprocess.Popen(
@@ -192,7 +192,7 @@ def test_interrupted_job_resumes_without_loss_or_repeats(synthetic, tmp_path, mo
     again = mlmjob("infer", "-c", cfg, check=True)
     assert "1 part(s) already committed" in again.stderr
     assert (out / f"{part_stem(inputs[0])}.jsonl").stat().st_mtime_ns == committed
-    assert_complete(out, inputs, 1500)
+    assert_complete(out, inputs, 300)
 
 
 def test_workers_split_parts_deterministically(synthetic, tmp_path, model_dir):
@@ -413,12 +413,13 @@ def test_two_workers_share_one_file_by_parts(synthetic, tmp_path, model_dir):
 
 
 def test_killed_mid_file_resumes_inside_it(synthetic, tmp_path, model_dir):
-    (src,) = make_inputs(tmp_path / "in", files=1, lines=3000)
+    lines, per_part = 600, 60  # 10 parts of about a second each
+    (src,) = make_inputs(tmp_path / "in", files=1, lines=lines)
     cfg = config(synthetic, tmp_path, model_dir, [src])
     out, cut, stems = (
         tmp_path / "out",
-        ["--set", "infer.lines_per_part=300"],
-        part_stems(src, 300, 10),
+        ["--set", f"infer.lines_per_part={per_part}"],
+        part_stems(src, per_part, 10),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "job", "infer", "-c", str(cfg), *cut],
@@ -437,10 +438,12 @@ def test_killed_mid_file_resumes_inside_it(synthetic, tmp_path, model_dir):
     (out / f"{stems[n]}.jsonl").write_text('{"half": "written"}\n')  # killed mid-upload
     again = mlmjob("infer", "-c", cfg, *cut, check=True)
     assert f"{n} part(s) already committed" in again.stderr
-    assert f"infer: {10 - n} parts written, {n} skipped, {3000 - 300 * n} lines" in again.stderr
+    assert (
+        f"infer: {10 - n} parts written, {n} skipped, {lines - per_part * n} lines" in again.stderr
+    )
     assert {p: p.stat().st_mtime_ns for p in committed} == committed  # not rewritten
     records = read_parts(out)  # none lost, none twice, in input order
-    assert [(r["file"], r["line"]) for r in records] == [(str(src), n) for n in range(1, 3001)]
+    assert [(r["file"], r["line"]) for r in records] == [(str(src), n) for n in range(1, lines + 1)]
 
 
 def test_split_input_changed_then_cut_otherwise(synthetic, tmp_path, model_dir):

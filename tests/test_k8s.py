@@ -266,7 +266,7 @@ def test_full_eli5_scale():
 
 TINY = """\
 # A tiny model on the bundled sample: the image's configs/ as this test builds it.
-run: {{seed: 42}}
+run: {{seed: 42, lease_ttl_seconds: 10}}  # a killed pod's lease: seconds
 data:
   sources: ['{root}/job/sample/eli5-sample.jsonl']
   test_size: 0.2
@@ -435,11 +435,11 @@ def train_pods(tmp_path: Path, s3, s3_prefix: str, steps: int, checkpoint_every:
 
 @pytest.mark.slow
 def test_training_starts_whatever_order_its_pods_start_in(tmp_path, s3, s3_prefix):
-    """Pod 1 first, pod 0 (the rendezvous host) 30 s later: pod 1 waits for it, both finish."""
+    """Pod 1 first, pod 0 (the rendezvous host) 10 s later: pod 1 waits for it, both finish."""
     cl, js, app, (pod0, pod1) = train_pods(tmp_path, s3, s3_prefix, 6, 1000)
     dns = dns_for(js, free_port())
     first = start(pod1, app, tmp_path / "pods", dns)
-    time.sleep(30)
+    time.sleep(10)
     assert first.proc.poll() is None, first.tail()  # still waiting, not failed
     second = start(pod0, app, tmp_path / "pods", dns)
     for p in (first, second):

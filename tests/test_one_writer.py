@@ -17,6 +17,7 @@ from conftest import ROOT, mlmjob, wait_for, write_config
 
 from job import storage
 from job.errors import StorageError
+from job.storage import transfer
 from job.train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -241,7 +242,7 @@ def test_keys_that_lead_out_of_the_cache_are_refused(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match=r"'test/models/m/\.\./\.\./\.\./\.\./tmp/x' leads out"):
         storage.to_local("s3://test/models/m/../../../../tmp/x", cache)
     # a listing that names a key with '..' below the folder asked for
-    monkeypatch.setattr(storage, "list_files", lambda uri: ["s3://test/m/../../../evil"])
+    monkeypatch.setattr(transfer, "list_files", lambda uri: ["s3://test/m/../../../evil"])
     with pytest.raises(
         StorageError, match=r"s3://test/m/\.\./\.\./\.\./evil: '\.\./\.\./\.\./evil' leads outside"
     ):

@@ -20,7 +20,8 @@ from job import storage
 from job.config import DataConfig, load_config
 from job.data import shards
 from job.data.blocks import load_tokenizer
-from job.data.sources import iter_records, resolve_inputs
+from job.data.inputs import resolve_inputs
+from job.data.sources import iter_records
 from job.errors import BadInput
 
 WORDS = [
@@ -215,10 +216,10 @@ def test_input_edited_between_workers_gives_each_its_own_dataset(tmp_path, place
 HOOK = """
 import sys
 from job import storage
-from job.data import sources
+from job.data import files
 from job.cli import main
 
-real = sources._iter_json_lines
+real = files._iter_json_lines
 new = open(sys.argv[1], "rb").read()
 
 def rewritten_after_the_first_record(uri, stream, wants):
@@ -227,7 +228,7 @@ def rewritten_after_the_first_record(uri, stream, wants):
         if n == 0:
             storage.write_bytes(uri, new)
 
-sources._iter_json_lines = rewritten_after_the_first_record
+files._iter_json_lines = rewritten_after_the_first_record
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from job.config import TrainConfig, load_config
 from job.train.batch import MaskedBatch
+from job.train.loop import iteration
 from job.train.prefetch import Prefetcher
 from job.train.schedule import Schedule
 
@@ -70,9 +71,11 @@ def test_the_counter_sees_boolean_mask_indexing():
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    """A Trainer on the bundled demo sample, in this process (one CPU process)."""
+    """A training run's parts on the bundled demo sample, in this process (one CPU process),
+    set up for the first step."""
     from job.data.preprocess import preprocess
-    from job.train.loop import Trainer
+    from job.train.build import build
+    from job.train.loop import begin
 
     tmp = tmp_path_factory.mktemp("step")
     # 29 steps an epoch at batch 1: the steps measured never reach an epoch end.
@@ -88,20 +91,20 @@ def trainer(tmp_path_factory):
     ]
     cfg = load_config("configs/demo.yaml", sets)
     preprocess(cfg)
-    t = Trainer(cfg)
-    t._begin()
-    return t
+    parts = build(cfg)
+    begin(parts)
+    return parts
 
 
 def test_plain_steps_do_not_synchronise(trainer):
     """Steps 1-9 are plain; step 10 checks for a SIGTERM (one all-reduced flag read back)."""
     for step in range(1, 10):
         with SyncCounter() as counter:
-            assert trainer.iteration() is False
+            assert iteration(trainer) is False
         assert trainer.state.step == step
         assert counter.ops == Counter(), f"step {step}: {dict(counter.ops)}"
     with SyncCounter() as counter:
-        trainer.iteration()
+        iteration(trainer)
     assert counter.ops == Counter({"aten._local_scalar_dense": 1})  # the preemption flag
 
 
@@ -109,9 +112,9 @@ def test_log_step_reads_the_loss_once(trainer):
     trainer.cfg.train.log_every_steps = 3  # a log step: the window's loss comes back once
     try:
         while (trainer.state.step + 1) % 3 != 0 or (trainer.state.step + 1) % 10 == 0:
-            trainer.iteration()
+            iteration(trainer)
         with SyncCounter() as counter:
-            trainer.iteration()
+            iteration(trainer)
     finally:
         trainer.cfg.train.log_every_steps = 1000
     # the window's loss, then the preemption flag (log steps check it too)
@@ -119,10 +122,10 @@ def test_log_step_reads_the_loss_once(trainer):
 
 
 def test_prefetcher_builds_the_next_batch_ahead(trainer):
-    stats = trainer.prefetch.stats
+    stats = trainer.batches.stats
     built = stats.built
     for _ in range(5):
-        trainer.iteration()
+        iteration(trainer)
     assert stats.built == built + 5
     assert 0.0 <= stats.hidden_fraction <= 1.0
 

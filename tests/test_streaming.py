@@ -18,7 +18,8 @@ import pytest
 from conftest import DEMO_TOKENIZER, S3Proxy, _ProxyHandler, mlmjob, serve, write_config
 
 from job import storage
-from job.data.sources import SKIPPED, _iter_json_array, iter_records
+from job.data.files import _iter_json_array
+from job.data.sources import SKIPPED, iter_records
 from job.errors import BadInput, TransientStorageError
 
 WORDS = (

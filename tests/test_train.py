@@ -20,6 +20,7 @@ from job.train import checkpoint
 TINY = """
 run:
   output: '{run}'
+  lease_ttl_seconds: 10  # a killed run's lease expires in seconds, not a minute
   seed: 42
 data:
   sources: ['{eli5}']

@@ -28,16 +28,13 @@ from job.data.loader import batch_ids, epoch_order
 from job.data.sources import iter_records
 from job.log import log
 from job.train import checkpoint
-from job.train.loop import (
-    PREEMPTION_CHECK_STEPS,
-    Trainer,
-    should_check_preemption,
-    should_checkpoint,
-    should_eval,
-    should_log,
-)
+from job.train.build import rescale
+from job.train.checkpointer import should_checkpoint
+from job.train.loop import PREEMPTION_CHECK_STEPS, should_check_preemption
+from job.train.reporter import should_log
 from job.train.schedule import Schedule
 from job.train.state import TrainState
+from job.train.validator import should_eval
 
 pytestmark = pytest.mark.unit
 
@@ -305,7 +302,7 @@ def test_a_save_after_a_fallback_survives_its_prune(tmp_path, truncate):
 
 
 def run_epoch(order, schedule, world, per_rank, accum=1, start=0):
-    """Each step's ids per rank, as Trainer._step_batches and maybe_next_epoch lay them out."""
+    """Each step's ids per rank, as Batches.build and state.next_epoch lay them out."""
     gb = per_rank * world * accum
     steps, sample = [], start
     while not schedule.epoch_over(sample, gb):
@@ -554,19 +551,12 @@ def test_train_state_round_trips_every_field_through_json():
 
 def test_train_state_keeps_the_base_batch_when_the_world_size_changes():
     """Saved on 2 processes (global batch 8), resumed on 3 (global batch 12): the schedule's
-    unit stays 8, the position stays where it was; Trainer._rescale then records the new
+    unit stays 8, the position stays where it was; build.rescale then records the new
     world size (DDP: nothing else to convert)."""
-    st = TrainState(base_batch=12, world_size=3)  # what the new Trainer starts with
+    st = TrainState(base_batch=12, world_size=3)  # what the new run starts with
     st.load_state_dict(json.loads(json.dumps(SAVED)))
     assert (st.base_batch, st.world_size, st.epoch, st.sample) == (8, 2, 2, 40)
-    stub = SimpleNamespace(
-        state=st,
-        world=3,
-        accelerator=None,
-        restored=None,
-        cfg=SimpleNamespace(train=SimpleNamespace(deepspeed=None)),
-    )
-    Trainer._rescale(stub)
+    rescale(st, 3, accelerator=None, restored=None, deepspeed=None)
     assert st.state_dict() == {**SAVED, "world_size": 3}
 
 
@@ -575,3 +565,19 @@ def test_train_state_load_ignores_unknown_keys_and_keeps_missing_ones():
     st.load_state_dict({"step": 5, "from_a_newer_version": 1})
     assert (st.step, st.base_batch, st.world_size) == (5, 16, 4)
     assert not hasattr(st, "from_a_newer_version")
+
+
+def test_loss_window_checkpoints_every_ranks_total_and_restores_it_to_rank_0_only():
+    """LossWindow's own state_dict is what a checkpoint keeps (TrainState's window_* keys);
+    on resume only rank 0 takes it back, so the next log step counts it once."""
+    from job.train.state import LossWindow
+
+    window = LossWindow("cpu", sum_ranks=lambda loss, tokens: [loss + 2.0, tokens + 3])
+    window.add(torch.tensor(5.0), 4)  # this rank; the lambda adds another rank's 2.0 and 3
+    saved = window.state_dict()
+    assert saved == {"window_loss": 7.0, "window_tokens": 7}
+    assert set(saved) <= set(TrainState().state_dict())
+    for rank, want in [(0, (7.0, 7)), (1, (0.0, 0))]:
+        back = LossWindow("cpu", rank=rank)
+        back.load_state_dict(json.loads(json.dumps(saved)))
+        assert (back.loss.item(), back.tokens) == want

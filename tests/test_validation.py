@@ -32,6 +32,7 @@ from job.train.metrics import Metrics, write_summary
 TINY = """
 run:
   output: '{run}'
+  lease_ttl_seconds: 10  # a killed run's lease expires in seconds, not a minute
 data:
   sources: ['{eli5}']
   output: '{data}'
@@ -487,7 +488,8 @@ def test_sigterm_during_startup_exits_3_and_a_resubmission_completes(synthetic, 
 @pytest.mark.slow
 def test_sigterm_in_the_initial_evaluation_exits_3(synthetic, tmp_path, data_dir, monkeypatch):
     """In process, the SIGTERM arriving in the middle of the evaluation before step 1."""
-    from job.train.loop import Trainer
+    from job.train.build import build
+    from job.train.loop import train
 
     cfg = load_config(
         config(synthetic, tmp_path, data_dir),
@@ -496,8 +498,8 @@ def test_sigterm_in_the_initial_evaluation_exits_3(synthetic, tmp_path, data_dir
     old = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(Preemption, "_installed", None)
     try:
-        trainer = Trainer(cfg)
-        evaluate = trainer.evaluate
+        parts = build(cfg)
+        evaluate = parts.validator.evaluate
 
         def interrupted():
             handler = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
@@ -506,11 +508,11 @@ def test_sigterm_in_the_initial_evaluation_exits_3(synthetic, tmp_path, data_dir
             os.kill(os.getpid(), signal.SIGTERM)
             return evaluate()
 
-        monkeypatch.setattr(trainer, "evaluate", interrupted)
-        assert trainer.run() == 3
+        monkeypatch.setattr(parts.validator, "evaluate", interrupted)
+        assert train(parts) == 3
     finally:
         signal.signal(signal.SIGTERM, old)
-    assert trainer.state.step == 0 and trainer.state.initial_eval is not None
+    assert parts.state.step == 0 and parts.state.initial_eval is not None
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

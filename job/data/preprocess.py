@@ -17,7 +17,7 @@ dataset one worker does, in memory that does not grow with the input:
    into shards, writing each shard as soon as it is full, then, last, the manifest. Two
    workers finalizing at once write identical bytes.
 
-The dataset id is keyed by the inputs' versions (sources.resolve_inputs: size and ETag or
+The dataset id is keyed by the inputs' versions (inputs.resolve_inputs: size and ETag or
 mtime_ns per file, a Hub source's commit), taken by each worker as it starts, and every
 file is checked against them as it is read: an edited input gives a new dataset (its parts
 included), never a reused stale part, and a file that changes under a worker is one line,
@@ -41,7 +41,8 @@ from job import lease, storage
 from job.config import Config
 from job.data import blocks as blocks_mod
 from job.data import shards
-from job.data.sources import iter_records, resolve_inputs
+from job.data.inputs import resolve_inputs
+from job.data.sources import iter_records
 from job.errors import BadInput
 from job.log import bar, log
 from job.redact import redact_all

@@ -18,7 +18,7 @@ import numpy as np
 from job import jsonio, storage
 from job.config import Config
 from job.data.blocks import tokenizer_sha256
-from job.data.sources import resolve_inputs
+from job.data.inputs import resolve_inputs
 from job.errors import BadInput, StorageError
 
 MANIFEST = "manifest.json"
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 
 def dataset_id(cfg: Config, tokenizer_sha: str, inputs: list[list[dict]] | None) -> str:
     """Derived from everything that changes the dataset's bytes, nothing else: the config's
-    keys and the versions of the inputs (sources.resolve_inputs: each file's fingerprint, a
+    keys and the versions of the inputs (inputs.resolve_inputs: each file's fingerprint, a
     Hub source's commit), so an edited input gives a new dataset."""
     d = cfg.data
     key = {
@@ -56,7 +56,7 @@ class DatasetUri(str):
 
 def dataset_uri(cfg: Config, tok, inputs: list[list[dict]] | None = None) -> str:
     """The folder of the dataset these config and inputs give. `inputs` are
-    sources.resolve_inputs(cfg.data), taken now when not given (a HEAD per S3 file, a stat
+    inputs.resolve_inputs(cfg.data), taken now when not given (a HEAD per S3 file, a stat
     per local one): `train` and `preflight` find the dataset preprocessing made from the
     same versions. Inputs that cannot be resolved (a source gone) give a folder that holds
     no dataset and says why, so that `preflight` names that problem once (its source check

@@ -11,6 +11,7 @@ from job import env, storage
 from job.config import Config
 from job.errors import BadInput
 from job.log import log
+from job.train.dist import any_rank
 
 
 def precision_of(cfg: Config) -> str:
@@ -165,9 +166,5 @@ class Preemption:
             raise Preempted
 
     def agreed(self, accelerator) -> bool:
-        import torch
-
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        """Collective: a SIGTERM on any rank stops every rank."""
+        return any_rank(accelerator, self.requested)

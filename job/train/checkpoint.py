@@ -21,6 +21,7 @@ from job import jsonio, storage
 from job.errors import BadInput
 from job.log import log
 from job.train import safe_load
+from job.train.dist import any_rank
 
 
 class _TiedWeightsNote(logging.Filter):
@@ -177,7 +178,7 @@ def fetch(accelerator, run_output: str, staging: Path) -> Restored | None:
         problem = None
         if accelerator.is_local_main_process:
             problem = _download_verified(uri, local)
-        if _any_rank(accelerator, problem is not None):
+        if any_rank(accelerator, problem is not None):
             log.warning(
                 "checkpoint %s is damaged (%s); falling back to the previous one",
                 uri,
@@ -212,15 +213,6 @@ def _download_verified(uri: str, local: Path) -> str | None:
         if actual[rel]["sha256"] != info["sha256"]:
             return f"{rel}: checksum mismatch"
     return None
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    import torch
-
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
-    return bool(t.item() > 0)
 
 
 def restore(accelerator, restored: Restored) -> None:

@@ -45,8 +45,9 @@ class Metrics:
         storage.write_text(self.uri, "".join(jsonio.dumps(e) + "\n" for e in self.events))
         self.written = len(self.events)
 
-    def plot(self) -> None:
-        """loss.png: training loss, eval loss and eval perplexity against the step."""
+    def plot(self) -> bytes:
+        """loss.png: training loss, eval loss and eval perplexity against the step. Returns
+        the PNG's bytes (the trackers get the same file without reading it back)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -73,7 +74,9 @@ class Metrics:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
-        storage.write_bytes(storage.join(self.run_output, "loss.png"), buf.getvalue())
+        png = buf.getvalue()
+        storage.write_bytes(storage.join(self.run_output, "loss.png"), png)
+        return png
 
 
 def _parse(lines: list[str]) -> list[dict]:

@@ -54,6 +54,15 @@ class Schedule:
         """No room in this epoch for another batch of `batch` samples."""
         return sample + batch > self.epoch_samples
 
+    def turn(self, epoch: int, sample: int, batch: int) -> tuple[int, int, bool]:
+        """Where a step of `batch` samples starts when the last one ended at (epoch,
+        sample): the next epoch's first sample when this epoch has no room for another
+        batch (the rest is dropped). The loop's state and the prefetcher's guess of the
+        next batch both go through here. The bool: whether it turned."""
+        if self.epoch_over(sample, batch):
+            return epoch + 1, 0, True
+        return epoch, sample, False
+
     def finished(self, seen: int, epoch: int, sample: int, batch: int) -> bool:
         if seen >= self.total_samples:
             return True

@@ -1,9 +1,9 @@
-"""Typed job configuration: YAML plus `--set key.path=value` overrides.
+"""The config's schema: its sections, their fields and the checks on them.
 
-The config owns its checks: types, ranges and allowed values are declared on the fields
-(pydantic), so `mlmjob validate` refuses every bad value before a run starts, with the
-file, the dotted key path and what is allowed. Each field's description is the README's
-config reference (generated from here; a test keeps them equal).
+Types, ranges and allowed values are declared on the fields (pydantic), so `mlmjob
+validate` refuses every bad value before a run starts. Each field's description is the
+README's config reference (job.config.reference; a test keeps them equal). The keys are a
+contract (DESIGN.md): configs, `config.yaml` of past runs and dataset ids depend on them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     AllowInfNan,
@@ -22,14 +21,10 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
-    ValidationError,
     model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-
-from job.errors import BadInput
-from job.redact import redact_all
 
 
 def _no_bool(value: Any) -> Any:
@@ -327,176 +322,3 @@ class Config(_Section):
         """Node-local cache for shards, tokenizers and models fetched from S3."""
         default = os.environ.get("MLMJOB_CACHE", "~/.cache/mlmjob")
         return Path(self.data.cache_dir or default).expanduser()
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping, which YAML forbids but
-    PyYAML accepts, keeping the last (a second `run:` would silently replace the first).
-    Hand-written: PyYAML has no option for it (yaml/pyyaml#165), and ruamel.yaml, which
-    refuses duplicates, would be a second YAML library for this one check."""
-
-    def construct_document(self, node):
-        self._check_unique(node, "", set())
-        return super().construct_document(node)
-
-    def _check_unique(self, node, path: str, seen: set[int]) -> None:
-        if id(node) in seen:  # an alias: checked where its anchor is
-            return
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            for i, child in enumerate(node.value):
-                self._check_unique(child, f"{path}[{i}]", seen)
-        elif isinstance(node, yaml.MappingNode):
-            lines: dict = {}
-            for key_node, value_node in node.value:
-                merge = key_node.tag == "tag:yaml.org,2002:merge"  # `<<: *base`
-                scalar = isinstance(key_node, yaml.ScalarNode) and not merge
-                key = self.construct_object(key_node) if scalar else None
-                dotted = f"{path}.{key}" if path else str(key)
-                if scalar and key in lines:
-                    problem = f"duplicate key '{dotted}' (first at line {lines[key]})"
-                    mark = key_node.start_mark
-                    raise yaml.constructor.ConstructorError(None, None, problem, mark)
-                if scalar:
-                    lines[key] = key_node.start_mark.line + 1
-                self._check_unique(value_node, dotted if scalar else path, seen)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply `key.path=value` overrides, and check the result."""
-    path = str(path)
-    try:
-        raw = _load_yaml(Path(path).read_text()) or {}
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read config: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise BadInput(
-            f"{path}: not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset "
-            f"{e.start} (save the config as UTF-8)"
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        detail = getattr(e, "problem", None) or " ".join(str(e).split())  # one line
-        raise BadInput(f"{where}: invalid YAML: {detail}") from None
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: the top level must be a mapping")
-    for item in overrides:
-        apply_override(raw, item, path)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise BadInput("\n".join(f"{path}: {describe(err)}" for err in e.errors())) from None
-
-
-def apply_override(raw: dict, item: str, path: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise BadInput(f"--set {item!r}: expected key.path=value")
-    try:
-        parsed = _load_yaml(value)
-    except yaml.YAMLError:
-        raise BadInput(f"--set {key}: value is not valid YAML: {value!r}") from None
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise BadInput(f"{path}: --set {key}: '{part}' is not a mapping")
-        node = child
-    node[parts[-1]] = parsed
-
-
-_BOUNDS = {
-    "greater_than": "> {gt}",
-    "greater_than_equal": ">= {ge}",
-    "less_than": "< {lt}",
-    "less_than_equal": "<= {le}",
-}
-_TYPES = {
-    "int": "int",
-    "float": "float",
-    "bool": "bool",
-    "string": "str",
-    "list": "a list",
-    "dict": "a mapping",
-    "model": "a mapping",
-}
-
-
-def describe(err: dict) -> str:
-    """One pydantic error as one line: the dotted key path, what is allowed, what was given."""
-    key = _key_path(err["loc"])
-    kind, given, ctx = err["type"], err.get("input"), err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if kind == "finite_number" or (kind in _BOUNDS and _non_finite(given)):  # nan fails `gt`
-        return f"key '{key}' must be a finite number, got {given!r}"
-    if kind in _BOUNDS:
-        return f"key '{key}' must be {_BOUNDS[kind].format(**ctx)}, got {given!r}"
-    if kind == "literal_error":
-        allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
-        return f"key '{key}' must be one of {allowed}, got {given!r}"
-    if kind == "value_error":
-        return f"key '{key}' must be {ctx.get('error', err['msg'])}, got {given!r}"
-    base = kind.split("_")[0]
-    if base in _TYPES:
-        return f"key '{key}' must be {_TYPES[base]}, got {given!r}"
-    return f"key '{key}': {err['msg']}, got {given!r}"
-
-
-def _non_finite(value: Any) -> bool:
-    try:
-        return isinstance(value, float | str) and not math.isfinite(float(value))
-    except ValueError:
-        return False
-
-
-def _key_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part not in ("function-after", "function-before") and not str(part).startswith(
-            "function-"
-        ):
-            out += f".{part}" if out else str(part)
-    return out or "<top>"
-
-
-def to_dict(cfg: Config, redacted: bool = True) -> dict:
-    """The config as plain data. `redacted` (the default: what is written out, to
-    config.yaml, tracker params, the model card, `mlmjob validate`) masks the userinfo and
-    secret query parameters of every URL in it (job.redact): `http://***@host`."""
-    data = cfg.model_dump()
-    return redact_all(data) if redacted else data
-
-
-def dump_yaml(cfg: Config, redacted: bool = True) -> str:
-    return yaml.safe_dump(to_dict(cfg, redacted), sort_keys=False)
-
-
-def reference_table() -> str:
-    """The README's config reference: every key, its default and its description."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, field in Config.model_fields.items():
-        for name, info in field.annotation.model_fields.items():
-            default = _shown(info.get_default(call_default_factory=True))
-            rows.append(f"| `{section}.{name}` | {default} | {info.description} |")
-    return "\n".join(rows) + "\n"
-
-
-def _shown(default: Any) -> str:
-    if default is None:
-        return "none"
-    if isinstance(default, list | dict):
-        return f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
-    return f"`{str(default).lower() if isinstance(default, bool) else default}`"
-
-
-if __name__ == "__main__":  # python -m job.config: the table for the README
-    print(reference_table(), end="")

@@ -1,0 +1,1 @@
+"""One module per mlmjob command: what the CLI calls."""
