@@ -45,7 +45,7 @@ image:
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 k8s-check: setup
-	$(PY) -m pytest -q tests/test_k8s.py
+	$(PY) -m pytest -q tests/integration/test_k8s.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,0 +1,113 @@
+"""Running mlmjob as a user or a pod does: the CLI (in this process where nothing needs a
+fresh one), polling, configs written from templates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from support.data import ROOT
+
+# Commands that run in the test's own process unless a test asks for a fresh one: they
+# hold no process-wide state past their return (no accelerator, no signal handler), and
+# each fresh process would pay torch's and transformers' imports (seconds) again.
+IN_PROCESS = ("validate", "preprocess", "infer")
+
+
+# Environment read at call time (storage's client is made anew by each command's
+# `storage.configure`); anything else (HF_HUB_OFFLINE, read at import) needs a process.
+_CALL_TIME_ENV = ("MLMJOB_", "AWS_")
+
+
+def mlmjob(
+    *args,
+    env: dict | None = None,
+    check: bool = False,
+    timeout: float = 600,
+    process: bool = False,
+):
+    """Run the CLI as a user or a pod would: its exit status, stdout and stderr. In a fresh
+    process when `process` is set or the command needs one (see IN_PROCESS), else in this
+    one (the same `job.cli.main`, its output captured)."""
+    args = [str(a) for a in args]
+    env = env or {}
+    here = not process and args[0] in IN_PROCESS and all(k.startswith(_CALL_TIME_ENV) for k in env)
+    if here:
+        proc = _in_process(args, env)
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", "job", *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlmjob {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`job.cli.main(args)` here, with `env` set for the call and stdout/stderr captured; an
+    uncaught exception is exit 1 with its traceback on stderr, as the interpreter does."""
+    import contextlib
+    import io
+    import traceback
+
+    from job import cli, storage
+    from job.log import log
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_log = (log.handlers[:], log.level, log.propagate)  # cli.main sets them up
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_streams, cwd = (sys.stdout, sys.stderr), os.getcwd()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    sys.stdout, sys.stderr = out, err  # job.redact.install wraps these, as a pod's
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 (what the interpreter prints and exits 1 for)
+        traceback.print_exc(file=err)
+        code = 1
+    finally:
+        sys.stdout, sys.stderr = saved_streams
+        log.handlers[:], log.level, log.propagate = saved_log
+        os.chdir(cwd)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        with contextlib.suppress(Exception):
+            storage.configure()  # back to the session's environment
+    return subprocess.CompletedProcess(["mlmjob", *args], code, out.getvalue(), err.getvalue())
+
+
+def wait_for(predicate, timeout: float = 300, poll: float = 0.05) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def preprocessed(tmp_path_factory, synthetic, template: str) -> Path:
+    """A data folder holding the dataset that `template` (a config with {run}, {eli5},
+    {data} and {tok} fields) preprocesses from the synthetic records: for module fixtures."""
+    out = tmp_path_factory.mktemp("data")
+    text = template.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer)
+    mlmjob("preprocess", "-c", write_config(out / "c.yaml", text), check=True)
+    return out
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
