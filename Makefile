@@ -25,7 +25,8 @@ demo: setup
 	$(BIN)/mlmjob infer -c configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest -q
+	# three workers on two cores: a third of the suite waits (servers, leases, outages)
+	$(PY) -m pytest -q -n 3 --dist worksteal
 
 lint: setup
 	$(BIN)/ruff check .

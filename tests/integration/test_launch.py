@@ -18,6 +18,8 @@ DEMO = [
     "-c",
     "configs/demo.yaml",
     "--set",
+    "run.lease_ttl_seconds=10",  # a killed run's lease expires in seconds, not a minute
+    "--set",
     "train.epochs=4",
     "--set",
     "train.log_every_steps=1",

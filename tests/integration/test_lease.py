@@ -89,9 +89,11 @@ def test_released_lease_is_taken_at_once(output):
 
 
 def test_renewed_lease_is_never_taken_over(output):
-    with lease.hold(output, wait=0, ttl=1.0, what="run.output") as held:
+    # A TTL of 3 s: renewals every 0.75 s keep it even on a loaded machine (at 1 s, a
+    # renewal that lagged a second behind under a parallel suite let the waiter take it).
+    with lease.hold(output, wait=0, ttl=3.0, what="run.output") as held:
         with pytest.raises(BadInput):
-            lease.hold(output, wait=2.5, ttl=1.0, what="run.output").__enter__()
+            lease.hold(output, wait=7.5, ttl=3.0, what="run.output").__enter__()
         held.check(commit=True)  # still ours after 2.5 TTLs
 
 

@@ -175,8 +175,17 @@ def test_second_run_does_no_work(reference, synthetic, tmp_path):
 def test_killed_mid_write_leaves_no_manifest_and_rerun_completes(reference, synthetic, tmp_path):
     out = tmp_path / "data"
     cfg = eli5_config(synthetic, tmp_path, out)
-    # Tiny shards make the write phase long enough to be killed inside it.
-    args = ["preprocess", "-c", cfg, "--set", "data.shard_blocks=2"]
+    # Tiny shards make the write phase long enough to be killed inside it; a short lease, so
+    # that the rerun takes the killed finalizer's over in seconds, not a minute.
+    args = [
+        "preprocess",
+        "-c",
+        cfg,
+        "--set",
+        "data.shard_blocks=2",
+        "--set",
+        "run.lease_ttl_seconds=5",
+    ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "job", *map(str, args)],
         cwd=ROOT,
