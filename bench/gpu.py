@@ -262,7 +262,7 @@ def job_config(args, deepspeed: Path | None) -> Config:
 
 
 class MlmjobSteps:
-    """job/train/loop.py's Trainer.train_step without its bookkeeping (one micro-batch per
+    """job/train/loop.py's step() without its bookkeeping (one micro-batch per
     step, as with gradient_accumulation_steps 1)."""
 
     def __init__(self, acc, wrapper, optimizer, schedule, build, total: int):
@@ -302,7 +302,7 @@ def run_mlmjob(args, tok, deepspeed: Path | None = None) -> dict:
     blocks = random_blocks(total * args.batch, SEED, tok)
     cuda = acc.device.type == "cuda"
 
-    def build(i: int) -> MaskedBatch:  # as Trainer._masked: epoch 0's masks, pinned on a GPU
+    def build(i: int) -> MaskedBatch:  # as job.train.batches: epoch 0's masks, pinned on a GPU
         batch = masked_batch(tok, blocks, np.arange(i * args.batch, (i + 1) * args.batch), 0)
         return batch.pin() if cuda else batch
 
