@@ -5,7 +5,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from support.cli import preprocessed, wait_for, write_config
+from support.cli import wait_for, write_config
 from support.data import ROOT
 from support.training import TINY, events, launch, preempt, start
 
@@ -14,14 +14,9 @@ from job.train import checkpoint
 TORCHRUN_REPORT = ("Traceback", "ChildFailedError", "FAILED", "failed (exitcode")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, synthetic):
-    return preprocessed(tmp_path_factory, synthetic, TINY)
-
-
-def run_config(synthetic, data, tmp_path):
+def run_config(synthetic, data_dir, tmp_path):
     text = TINY.format(
-        run=tmp_path / "run", eli5=synthetic.eli5, data=data, tok=synthetic.tokenizer
+        run=tmp_path / "run", eli5=synthetic.eli5, data=data_dir, tok=synthetic.tokenizer
     )
     return write_config(tmp_path / "c.yaml", text)
 
@@ -31,9 +26,9 @@ def last_line(stderr: str) -> str:
 
 
 @pytest.mark.slow
-def test_sigterm_log_ends_with_the_preemption_line(synthetic, data, tmp_path):
+def test_sigterm_log_ends_with_the_preemption_line(synthetic, data_dir, tmp_path):
     run = tmp_path / "run"
-    err = preempt(run_config(synthetic, data, tmp_path), run, "train.max_steps=200", after=3)
+    err = preempt(run_config(synthetic, data_dir, tmp_path), run, "train.max_steps=200", after=3)
     for report in TORCHRUN_REPORT:
         assert report not in err, err[-3000:]
     step, uri = checkpoint.latest(str(run))
@@ -45,11 +40,11 @@ def test_sigterm_log_ends_with_the_preemption_line(synthetic, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_input_log_ends_with_the_error_line_on_two_processes(synthetic, data, tmp_path):
+def test_bad_input_log_ends_with_the_error_line_on_two_processes(synthetic, data_dir, tmp_path):
     """Rank 0 refuses the tokenizer; torchrun then stops rank 1, which may log after it."""
-    (manifest,) = Path(data).glob("*/manifest.json")
+    (manifest,) = Path(data_dir).glob("*/manifest.json")
     proc = launch(
-        run_config(synthetic, data, tmp_path),
+        run_config(synthetic, data_dir, tmp_path),
         f"data.dataset={manifest.parent}",
         f"model.name_or_path={ROOT}/job/sample/tokenizer",
         nproc=2,
@@ -64,12 +59,12 @@ def test_bad_input_log_ends_with_the_error_line_on_two_processes(synthetic, data
 
 
 @pytest.mark.slow
-def test_a_crashed_worker_keeps_torchruns_report(synthetic, data, tmp_path):
+def test_a_crashed_worker_keeps_torchruns_report(synthetic, data_dir, tmp_path):
     """Exit 1 (worth a retry): nothing explains it, so torchrun's report stays."""
     import psutil
 
     run = tmp_path / "run"
-    proc = start(run_config(synthetic, data, tmp_path), "train.max_steps=200")
+    proc = start(run_config(synthetic, data_dir, tmp_path), "train.max_steps=200")
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(events(run)) >= 2)
     (worker,) = [
         p

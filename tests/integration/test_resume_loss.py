@@ -5,7 +5,7 @@ of every rank's, and the resumed run counts it once: every logged loss equals th
 uninterrupted run's, the window that spans the checkpoint included."""
 
 import pytest
-from support.cli import preprocessed, wait_for, write_config
+from support.cli import wait_for, write_config
 from support.training import TINY, events, kill_all, launch, start
 
 # 2 processes, 12 steps, a log step every 3 and a checkpoint every 5: the window of steps
@@ -19,27 +19,24 @@ SETS = (
 )
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, synthetic):
-    return preprocessed(tmp_path_factory, synthetic, TINY)
-
-
-def run_config(synthetic, data, tmp_path, name: str):
-    text = TINY.format(run=tmp_path / name, eli5=synthetic.eli5, data=data, tok=synthetic.tokenizer)
+def run_config(synthetic, data_dir, tmp_path, name: str):
+    text = TINY.format(
+        run=tmp_path / name, eli5=synthetic.eli5, data=data_dir, tok=synthetic.tokenizer
+    )
     return write_config(tmp_path / f"{name}.yaml", text)
 
 
 @pytest.mark.slow
 def test_two_process_resume_inside_a_log_window_logs_the_uninterrupted_losses(
-    synthetic, data, tmp_path
+    synthetic, data_dir, tmp_path
 ):
-    ref = launch(run_config(synthetic, data, tmp_path, "ref"), *SETS, nproc=2)
+    ref = launch(run_config(synthetic, data_dir, tmp_path, "ref"), *SETS, nproc=2)
     assert ref.returncode == 0, ref.stderr[-3000:]
     want = {e["step"]: e["loss"] for e in events(tmp_path / "ref")}
     assert sorted(want) == [3, 6, 9, 12]
 
     run = tmp_path / "run"
-    cfg = run_config(synthetic, data, tmp_path, "run")
+    cfg = run_config(synthetic, data_dir, tmp_path, "run")
     proc = start(cfg, *SETS, nproc=2)
     wait_for(lambda: (run / "checkpoints" / "step-5" / "COMMITTED.json").exists())
     kill_all(proc)  # as a node loss: no checkpoint at the kill, the step-5 one is the latest

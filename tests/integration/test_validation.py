@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.cli import mlmjob, preprocessed, write_config
+from support.cli import mlmjob, write_config
 from support.data import ROOT
 
 from job import jsonio
@@ -164,11 +164,6 @@ def test_preprocess_with_a_zero_byte_gz_among_the_sources(tmp_path):
 
 
 # ---- (b) a run whose loss turns NaN or infinite -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, synthetic):
-    return preprocessed(tmp_path_factory, synthetic, TINY)
 
 
 def config(synthetic, tmp_path: Path, data_dir: Path) -> Path:
