@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from job.launch import explained, leave_exit, read_exits
+from job.launch import explained, finished_cleanly, leave_exit, read_exits
 
 
 @pytest.mark.unit
@@ -31,3 +31,14 @@ def test_the_lowest_rank_that_exited_with_the_pods_code_explains_it(tmp_path, mo
     assert explained(exits, 1) == [] and explained(exits, 0) == []  # torchrun's report stays
     no_line = {0: {"code": 3, "lines": []}}
     assert explained(no_line, 3) == ["mlmjob: a worker exited 3 (preempted); exit 3"]
+
+
+def test_a_node_finished_cleanly_only_when_each_of_its_workers_reported_0():
+    """A worker that died in teardown after reporting 0 leaves the pod at exit 0; a missing
+    exit file (it died before its command ended) or any other code does not."""
+    ok = {"code": 0, "lines": []}
+    assert finished_cleanly({0: ok, 1: ok}, 2)
+    assert not finished_cleanly({0: ok}, 2)  # rank 1 never reported: it died in its command
+    assert not finished_cleanly({0: ok, 1: {"code": 3, "lines": ["preempted"]}}, 2)
+    assert not finished_cleanly({0: ok, 1: {"code": 1, "lines": []}}, 2)
+    assert not finished_cleanly({}, 1)
