@@ -16,16 +16,11 @@ re-exports what callers use as `storage.<name>`; state (the client, the settings
 fences) lives in its one module, reached only through that module's functions.
 """
 
-import time  # noqa: F401 (tests patch storage.time.sleep, the stream's back-off)
-
 from job.storage.fences import fence, fenced, unfence
 from job.storage.listing import expand, list_files, list_names
 from job.storage.read import exists, fingerprint, read_bytes, read_range, read_text, size, wait_for
 from job.storage.s3 import client, configure
-from job.storage.stream import (
-    _READ_RETRIES,  # noqa: F401 (read by tests/test_streaming.py)
-    open_read,
-)
+from job.storage.stream import open_read
 from job.storage.transfer import (
     download_dir,
     download_file,

@@ -138,7 +138,7 @@ def test_edited_input_gives_a_new_dataset_and_leaves_the_old_one(tmp_path, place
     assert new_manifest["dataset_id"] == new.rsplit("/", 1)[1]
     assert new_manifest["inputs"] == [{"uri": src, **storage.fingerprint(src)}]
     assert place.files(old) == old_files  # the old dataset is untouched
-    # what `mlmjob train` and preflight compute (evaluate.dataset_manifest) finds it
+    # what `mlmjob train` and preflight compute (job.data.manifest.dataset_manifest) finds it
     tok = load_tokenizer(str(DEMO_TOKENIZER), tmp_path / "cache")
     assert shards.dataset_uri(load_config(cfg), tok) == new
 

@@ -23,6 +23,7 @@ from job import storage
 from job.data.files import _iter_json_array
 from job.data.sources import SKIPPED, iter_records
 from job.errors import BadInput, TransientStorageError
+from job.storage import stream
 
 WORDS = (
     "the light star water cell energy heat because atoms move faster when it is hot "
@@ -428,7 +429,7 @@ def test_open_read_resumes_a_cut_body_and_gives_up_after_retries(
     storage.configure()
     storage.write_bytes(uri, data)
     storage.configure(endpoint_url=cutting_proxy.endpoint)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(stream.time, "sleep", lambda s: None)
     path = "/" + uri.removeprefix("s3://")
     cutting_proxy.cut(path, 100_000, 1_500_000, 0)
     with storage.open_read(uri) as f:
@@ -440,7 +441,7 @@ def test_open_read_resumes_a_cut_body_and_gives_up_after_retries(
     with storage.open_read(uri) as f:  # seeking reopens at the new offset
         f.seek(2_000_000)
         assert f.read(10) == data[2_000_000:2_000_010]
-    cutting_proxy.cut(path, *[0] * (storage._READ_RETRIES + 1))
+    cutting_proxy.cut(path, *[0] * (stream._READ_RETRIES + 1))
     with (
         pytest.raises(TransientStorageError, match="connection broke 6 times at byte 0"),
         storage.open_read(uri) as f,
