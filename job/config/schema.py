@@ -50,6 +50,7 @@ def _finite(value: Any) -> Any:
 
 
 Precision = Literal["auto", "bf16", "fp32"]
+Device = Literal["auto", "cuda", "cpu"]
 
 _SCHEMES = ("file", "s3")  # what job.storage reads and writes
 
@@ -134,6 +135,12 @@ class RunConfig(_Section):
     )
     seed: Int = Field(42, ge=0, lt=2**32, description="split, sample order, masks, initial weights")
     name: str = Field("mlmjob", description="shown in logs and `summary.json` (`run_name`)")
+    device: Device = Field(
+        "auto",
+        description="`auto`: the GPUs when CUDA is usable, else the CPU; `cuda`: exit 2 in one "
+        "line when no CUDA device is usable or fewer are visible than processes per node (the "
+        "GPU manifests set it); `cpu`: the CPU even beside a GPU",
+    )
     lease_wait_seconds: Float = Field(
         900.0,
         ge=0,
@@ -247,6 +254,13 @@ class TrainConfig(_Section):
     warmup_steps: Int = Field(
         0, ge=0, description="linear warmup, then linear decay to 0 (the Trainer's schedule)"
     )
+    warmup_ratio: Float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="warm up over this fraction of the run's steps instead (the Trainer's); "
+        "`warmup_steps` wins when set",
+    )
     max_grad_norm: Float = Field(1.0, gt=0, description="gradient clipping")
     mlm_probability: Float = Field(
         0.15, gt=0, lt=1, description="masked fraction (80% `<mask>`, 10% random, 10% kept)"
@@ -267,6 +281,12 @@ class TrainConfig(_Section):
     )
     compile: bool = Field(False, description="`torch.compile` the encoder layers")
     num_threads: Int | None = Field(None, ge=1, description="CPU threads per process")
+    collective_timeout_seconds: Float = Field(
+        1800.0,
+        gt=0,
+        description="how long a rank waits in a collective (NCCL, gloo) for the others, e.g. "
+        "while one process per node downloads the model, before the run fails",
+    )
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         default_factory=list,
         description="trackers (accelerate's): `[mlflow, tensorboard, "
