@@ -105,6 +105,10 @@ def _take_sigterm(command: str) -> None:
 def _run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.retry_seconds)
+    if args.command in ("train", "evaluate", "infer"):
+        from job import device
+
+        device.resolve(cfg.run.device)  # GPUs this node cannot use: exit 2 before any work
     if args.command == "validate":
         from job.commands import validate
 

@@ -4,13 +4,18 @@ Reads what Kubernetes (or a test, or a laptop) puts in the environment and start
 `torchrun` with one worker per GPU:
 
     MLMJOB_NNODES            nodes in the job (default 1)
-    MLMJOB_NPROC_PER_NODE    workers per node (default: the GPU count, else 1)
+    MLMJOB_NPROC_PER_NODE    workers per node (default: the GPU count, else 1; 1 when the
+                             config's run.device is cpu)
     JOB_COMPLETION_INDEX     this pod's index in the Indexed Job = node rank (default 0)
     MASTER_ADDR, MASTER_PORT rendezvous endpoint: pod 0's stable DNS name (default loopback)
     MLMJOB_RDZV_ID           rendezvous id shared by the pods of one job (default mlmjob)
     MLMJOB_RDZV_BACKEND      c10d (default) or static: node rank = JOB_COMPLETION_INDEX, rank 0
                              hosts the store whatever its DNS record says, the others retry
                              MASTER_ADDR for MLMJOB_RDZV_TIMEOUT seconds (default 1800)
+
+Before torchrun starts, the config's `run.device` is read: `cuda` exits 2 in one line
+(job.device) when this node has no usable CUDA device or fewer than the workers; `cpu`
+starts the workers with CUDA_VISIBLE_DEVICES empty.
 
 Exit codes are the job's (0 done, 2 bad input, 3 preempted with a checkpoint, 1 retry):
 torchrun itself reports every worker failure as 1, so workers leave their code in a
@@ -44,15 +49,15 @@ import time
 from pathlib import Path
 
 from job import redact
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRY
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, EXIT_RETRY, BadInput
 
 COMMANDS = ("train", "infer", "evaluate")  # the ones that run on every process
 AGENT = "torchrun"  # internal: `python -m job.launch torchrun ARGS` is torchrun, quieter
 
 
-def torchrun_command(args: list[str], env: dict) -> list[str]:
+def torchrun_command(args: list[str], env: dict, device: str = "auto") -> list[str]:
     nnodes = int(env.get("MLMJOB_NNODES", "1"))
-    nproc = env.get("MLMJOB_NPROC_PER_NODE") or str(_gpu_count() or 1)
+    nproc = processes_per_node(env, device)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nnodes == 1:
         cmd += ["--standalone"]
@@ -86,6 +91,47 @@ def agent_command(torchrun: list[str]) -> list[str]:
     """What the launcher runs for `torchrun`: the same arguments, to `agent` (below)."""
     python, _, _, *rest = torchrun  # python -m torch.distributed.run ARGS
     return [python, "-m", "job.launch", AGENT, *rest]
+
+
+def processes_per_node(env: dict, device: str = "auto") -> str:
+    """MLMJOB_NPROC_PER_NODE, else one per GPU (one process when `run.device` is cpu or
+    no GPU is visible): torchrun's --nproc-per-node."""
+    given = env.get("MLMJOB_NPROC_PER_NODE")
+    if given:
+        return given
+    return "1" if device == "cpu" else str(_gpu_count() or 1)
+
+
+def device_setting(args: list[str]) -> str:
+    """`run.device` of the config the workers will load (`-c`, `--set`), checked here
+    before torchrun starts; `cuda` that this node cannot serve raises BadInput (one line,
+    job.device). A config that does not load is left to the workers, which report it."""
+    import argparse
+
+    from job.config import load_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-c", "--config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    known, _ = parser.parse_known_args(args[1:])
+    if not known.config:
+        return "auto"
+    try:
+        return load_config(known.config, known.overrides).run.device
+    except BadInput:
+        return "auto"
+
+
+def check_device(args: list[str], env: dict) -> str:
+    """The config's `run.device`, with `cuda` checked against this node's GPUs and the
+    processes the launch will start (BadInput when it cannot run)."""
+    from job import device
+
+    setting = device_setting(args)
+    nproc = processes_per_node(env, setting)
+    if setting == "cuda":
+        device.resolve(setting, int(nproc) if nproc.isdigit() else 1)
+    return setting
 
 
 def _gpu_count() -> int:
@@ -270,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+    try:
+        device = check_device(args, dict(os.environ))
+    except BadInput as e:  # before any worker starts: the pod's log is this one line
+        print(f"mlmjob: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="mlmjob-exit-") as exit_dir:
         env = {**os.environ, "MLMJOB_EXIT_DIR": exit_dir}
+        if device == "cpu":  # the workers see no GPU at all: nothing lands on one
+            env["CUDA_VISIBLE_DEVICES"] = ""
         forward = _Forwarder()
         signal.signal(signal.SIGTERM, forward.on_sigterm)
         # Children start with SIGTERM blocked: one that arrives before a worker has its
@@ -280,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun, decides what a SIGTERM means).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            proc = subprocess.Popen(agent_command(torchrun_command(args, env)), env=env)
+            command = agent_command(torchrun_command(args, env, device))
+            proc = subprocess.Popen(command, env=env)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         forward.proc = proc

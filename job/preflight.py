@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import env, storage
-from job.config import Config, dump_yaml
+from job.config import Config, TrainConfig, dump_yaml
 from job.data import shards
 from job.data.blocks import load_tokenizer
 from job.data.hub import hub_files
 from job.errors import BadInput, StorageError, TransientStorageError
 from job.pretrained import check_weights, expect_files
 from job.train.accel import deepspeed_config
+from job.train.schedule import total_steps, warmup_steps
 
 
 @dataclass
@@ -209,13 +210,41 @@ def _train_plan(cfg: Config, tok, report: Report) -> None:
     line = f"train: global batch {batch} ({t.per_device_batch_size} x {world} processes"
     line += f" x {t.gradient_accumulation_steps} accumulation)"
     root = cfg.data.dataset or (shards.dataset_uri(cfg, tok) if tok is not None else None)
+    steps = t.max_steps
     if root and storage.exists(storage.join(root, shards.MANIFEST)):
         blocks = shards.read_manifest(root).blocks("train")
-        steps = t.max_steps or t.epochs * (blocks // batch)
+        steps = total_steps(t, blocks, batch)
         line += f", {blocks:,} train blocks, {steps:,} steps"
     else:
         line += ", dataset not built yet"
     report.plan.append(line)
+    report.plan.extend(_warmup_plan(t, steps))
+
+
+WARMUP_WARN = 0.2  # a warm-up longer than this share of the run is most likely a mistake
+
+
+def _warmup_plan(t: TrainConfig, steps: int | None) -> list[str]:
+    """The warm-up's share of the run, and a warning above WARMUP_WARN. The share needs
+    the run's steps (train.max_steps, or the dataset's size), except for a ratio."""
+    if not t.warmup_steps and not t.warmup_ratio:
+        return ["train: no warm-up"]
+    if steps is None and t.warmup_steps:
+        return [f"train: warm-up {t.warmup_steps:,} steps (its share: once the dataset exists)"]
+    if steps is None:
+        share, line = t.warmup_ratio, f"train: warm-up {t.warmup_ratio:.0%} of the steps"
+    else:
+        warmup = warmup_steps(t, steps)
+        share = warmup / max(1, steps)
+        line = f"train: warm-up {warmup:,} of {steps:,} steps ({share:.0%})"
+    if share <= WARMUP_WARN:
+        return [line]
+    key = "train.warmup_steps" if t.warmup_steps else "train.warmup_ratio"
+    return [
+        line,
+        f"warning: train: the warm-up is {share:.0%} of the run (above {WARMUP_WARN:.0%}): "
+        f"most steps run below the peak learning rate; lower {key}",
+    ]
 
 
 def _differences(key: str, was, is_) -> list[tuple[str, object, object]]:

@@ -6,7 +6,9 @@ import json
 import os
 import signal
 from contextlib import contextmanager
+from datetime import timedelta
 
+from job import device as job_device
 from job import env, storage
 from job.config import Config
 from job.errors import BadInput
@@ -14,49 +16,87 @@ from job.log import log
 from job.train.dist import any_rank
 
 
-def precision_of(cfg: Config) -> str:
-    import torch
-
+def precision_of(cfg: Config, device: str) -> str:
     p = cfg.train.precision
-    return p if p != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    return p if p != "auto" else ("bf16" if device == "cuda" else "fp32")
 
 
 def build_accelerator(cfg: Config, universal: bool = False, tracking_dir=None):
     """`universal`: the DeepSpeed checkpoint to resume from is a universal one (written for
     another number of processes, converted by checkpoint.to_universal). `tracking_dir`:
-    where file-based trackers (TensorBoard) write (job.train.tracking starts them)."""
-    import torch
+    where file-based trackers (TensorBoard) write (job.train.tracking starts them).
+    `run.device: cuda` where CUDA cannot serve this node's processes exits 2 here."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
-    t = cfg.train
-    cuda = torch.cuda.is_available()
-    precision = precision_of(cfg)
-    if not cuda:
+    device = job_device.resolve(cfg.run.device)
+    precision = precision_of(cfg, device)
+    _environment(device, bool(cfg.train.deepspeed))
+    return Accelerator(**accelerator_kwargs(cfg, device, precision, tracking_dir)), precision
+
+
+def _environment(device: str, deepspeed: bool) -> None:
+    """What accelerate and DeepSpeed read from the environment to pick the device."""
+    if device == "cpu":
         # Also without train.deepspeed: accelerate imports the installed DeepSpeed when it
-        # unwraps a model, and DeepSpeed's auto-detection then warns "Setting accelerator
-        # to CPU" on every CPU-only run.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if t.deepspeed:
+        # unwraps a model, and DeepSpeed's auto-detection would pick a GPU beside (or warn
+        # "Setting accelerator to CPU" on every CPU-only run).
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        if deepspeed:  # accelerate(cpu=True) skips DeepSpeed: the device is named instead
+            os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    if deepspeed:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             _alone()
+
+
+def accelerator_kwargs(cfg: Config, device: str, precision: str, tracking_dir=None) -> dict:
+    """Accelerator(**these) for `device` ("cuda" or "cpu", job.device's answer)."""
+    from accelerate.utils import (
+        DeepSpeedPlugin,
+        DistributedDataParallelKwargs,
+        ProjectConfiguration,
+    )
+
+    t = cfg.train
+    # gloo on the CPU (else DeepSpeed on CPU thinks each process is alone), only where
+    # there is a process group (a backend makes accelerate ask torch.distributed for the
+    # world size); on CUDA accelerate picks NCCL itself
+    grouped = env.world_size() > 1 or bool(t.deepspeed)
+    backend = "gloo" if device == "cpu" and grouped else None
     kwargs = {
         "mixed_precision": "bf16" if precision == "bf16" else "no",
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        # cpu=True would make accelerate skip DeepSpeed; on a CPU-only machine it picks the
-        # CPU by itself (DS_ACCELERATOR=cpu, gloo below).
-        "cpu": not cuda and not t.deepspeed,
+        # cpu=True would make accelerate skip DeepSpeed (see _environment)
+        "cpu": device == "cpu" and not t.deepspeed,
+        "kwargs_handlers": [
+            process_group_kwargs(backend, t.collective_timeout_seconds),
+            # No module changes a buffer in training (no BatchNorm): DDP's default re-sends
+            # every buffer from rank 0 before each forward for nothing. (DeepSpeed's engine
+            # is not DDP: it ignores this.)
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+        ],
     }
-    if not cuda and (env.world_size() > 1 or t.deepspeed):
-        # gloo: else DeepSpeed on CPU thinks each process is alone
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if tracking_dir is not None:
         kwargs["project_config"] = ProjectConfiguration(str(tracking_dir), str(tracking_dir))
     if t.deepspeed:
         ds = deepspeed_config(cfg, precision)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
-    return Accelerator(**kwargs), precision
+    return kwargs
+
+
+def process_group_kwargs(backend: str | None, seconds: float):
+    """The process group's backend (None: accelerate's choice) and the collective timeout,
+    for every backend: torch.distributed.init_process_group (DDP) or, with DeepSpeed,
+    deepspeed.comm.init_distributed, to which accelerate passes the same keywords."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handler = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=seconds))
+    # accelerate passes on only the fields that differ from InitProcessGroupKwargs()'s
+    # (nccl, 600 s): a configured 600 s would be dropped, and gloo and DeepSpeed would
+    # then wait their own 30 minutes. Always passed.
+    kwargs = {**handler.to_kwargs(), "timeout": handler.timeout}
+    handler.to_kwargs = lambda: dict(kwargs)
+    return handler
 
 
 def _alone() -> None:

@@ -8,6 +8,7 @@ started with; with a constant batch it equals the Trainer's schedule step for st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from job.config import TrainConfig
@@ -26,20 +27,13 @@ class Schedule:
         # drop_last as the Trainer does, fixed by the base batch: an epoch is the same
         # samples whatever batch a resumed run uses.
         epoch_samples = n_train // base_batch * base_batch
-        if t.max_steps:
-            return cls(
-                t.learning_rate,
-                t.warmup_steps * base_batch,
-                t.max_steps * base_batch,
-                epoch_samples,
-                None,
-            )
+        steps = total_steps(t, n_train, base_batch)
         return cls(
             t.learning_rate,
-            t.warmup_steps * base_batch,
-            t.epochs * epoch_samples,
+            warmup_steps(t, steps) * base_batch,
+            steps * base_batch,
             epoch_samples,
-            t.epochs,
+            None if t.max_steps else t.epochs,
         )
 
     def lr(self, seen: int) -> float:
@@ -70,3 +64,16 @@ class Schedule:
         # (shorter than one batch) is dropped, as every epoch's is.
         last_epoch = self.epochs is not None and epoch >= self.epochs - 1
         return last_epoch and self.epoch_over(sample, batch)
+
+
+def total_steps(t: TrainConfig, n_train: int, base_batch: int) -> int:
+    """The run's steps of its base batch: `train.max_steps`, else the epochs' (drop_last)."""
+    return t.max_steps or t.epochs * (n_train // base_batch)
+
+
+def warmup_steps(t: TrainConfig, steps: int) -> int:
+    """`train.warmup_steps` when set, else the Trainer's rule for `train.warmup_ratio`
+    (TrainingArguments.get_warmup_steps): ceil(ratio x the run's steps). A resubmission
+    that changes the run's length (train.epochs, train.max_steps) moves a ratio's warm-up
+    with it, as a Trainer run of that length would have."""
+    return t.warmup_steps or math.ceil(t.warmup_ratio * steps)
