@@ -13,9 +13,12 @@ workers' lines, and infers 5,000 of them. Inferring all 0.5-2 million lines woul
 hours on 2 CPUs; how memory goes with the lines inferred is what part_* measures.
 part_5k, part_20k: one worker infers a file of 5,000 and of 20,000 lines, one part each
 (where the whole-part code grew: it held a part's results until the commit).
+masks_48x200: 48 lines of 200 masks each (about 410 tokens), one batch of 64: 9,600 mask
+rows x 50,265 tokens, which the head once took whole (logits and probabilities, 3.9 GB in
+fp32) and now takes 667 rows at a time (issue 20, item 5).
 
 `MLMJOB_BENCH_INFER_MEMORY_PYTHONPATH` runs another checkout (the figures before a change;
-part_* only, as older checkouts have no `infer.lines_per_part`).
+part_* and masks_* only, as older checkouts have no `infer.lines_per_part`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from common import ROOT, TOKENIZER
 PER_PART = 5_000
 FILES = {"file_50MB": 50 << 20, "file_200MB": 200 << 20}  # bytes, rounded to whole parts
 PARTS = {"part_5k": 5_000, "part_20k": 20_000}  # lines, in one part
+MASK_HEAVY = {"masks_48x200": (48, 200)}  # lines, masks per line
 _DONE = re.compile(r"infer: (\d+) parts written, (\d+) skipped, (\d+) lines")
 
 
@@ -45,6 +49,15 @@ def write_input(path: Path, base: list[str], lines: int) -> int:
         for i in range(lines):
             f.write(f"{i}: {base[i % len(base)]}\n")
     return path.stat().st_size
+
+
+def write_mask_heavy(path: Path, lines: int, masks: int) -> None:
+    """`lines` lines of `masks` masks, each followed by a word: the head's worst case."""
+    words = ["stars", "the", "sky", "planets", "light", "why"]
+    with open(path, "w") as f:
+        for i in range(lines):
+            f.write(f"{i}: " + " ".join(f"<mask> {words[(i + m) % 6]}" for m in range(masks)))
+            f.write("\n")
 
 
 def tiny_model(folder: Path) -> None:
@@ -106,6 +119,10 @@ def run() -> dict:
         for name, lines in PARTS.items():
             write_input(source, base, lines)
             result[name] = measure(workdir, source, [], pythonpath)
+            print(f"bench infer memory: {name}: {result[name]}", file=sys.stderr)
+        for name, (lines, masks) in MASK_HEAVY.items():
+            write_mask_heavy(source, lines, masks)
+            result[name] = {"masks": lines * masks, **measure(workdir, source, [], pythonpath)}
             print(f"bench infer memory: {name}: {result[name]}", file=sys.stderr)
         for name, size in ({} if pythonpath else FILES).items():
             avg = sum(len(f"{i}: {line}\n".encode()) for i, line in enumerate(base)) / len(base)

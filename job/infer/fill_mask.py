@@ -3,7 +3,8 @@ at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -21,6 +22,10 @@ MASK = "<mask>"
 # Lines are sorted by length within a window of this many batches (little padding), and a
 # window's results are written before the next is read: memory is bounded by the window.
 _WINDOW_BATCHES = 32
+# The head's work at once: logits and probabilities of this many bytes of mask rows x the
+# vocabulary (roberta-base: 667 rows in fp32). The whole batch's, 256 lines x 510 masks, was
+# about 65 GB; in chunks, peak memory no longer grows with the masks of a batch.
+_HEAD_BYTES = 256 << 20
 
 
 class FillMask:
@@ -58,6 +63,9 @@ class FillMask:
             limit -= 2  # positions start after the padding index
         self.max_len = min(limit, self.tok.model_max_length)
         self.token_str: dict[int, str] = {}
+        # the head's output in the model's dtype, then the fp32 probabilities
+        row_bytes = vocab * (self.dtype.itemsize + 4)
+        self.chunk_rows = max(1, _HEAD_BYTES // row_bytes)
 
     def encode(self, lines: list[Line]) -> list[list[int] | None]:
         """Token ids per line (None for a bad one, whose `error` is then set)."""
@@ -95,10 +103,10 @@ class FillMask:
             if self.parts:  # the vocabulary projection at mask positions only
                 encoder, head = self.parts
                 hidden = encoder(input_ids=ids, attention_mask=attn).last_hidden_state
-                logits = head(hidden[masked])
-            else:
+                values, tokens = self.top_k_of(head, hidden[masked])
+            else:  # an unknown layout: the model's own logits, every position's at once
                 logits = self.model(input_ids=ids, attention_mask=attn).logits[masked]
-            values, tokens = logits.float().softmax(-1).topk(self.top_k)
+                values, tokens = logits.softmax(-1, dtype=torch.float32).topk(self.top_k)
         counts = masked.sum(1).tolist()
         values, tokens = values.cpu().numpy(), tokens.cpu().numpy()
         out, start = [], 0
@@ -107,16 +115,41 @@ class FillMask:
             start += c
         return out
 
+    def top_k_of(self, head, rows):
+        """Top-k (probabilities, token ids) of each mask row's hidden state, the head applied
+        to `chunk_rows` rows at a time: what the whole [rows, vocabulary] would give."""
+        import torch
+
+        values, tokens = [], []
+        for chunk in rows.split(self.chunk_rows):
+            # softmax in fp32 straight from the head's dtype: no separate fp32 copy of logits
+            v, t = head(chunk).softmax(-1, dtype=torch.float32).topk(self.top_k)
+            values.append(v)
+            tokens.append(t)
+        return torch.cat(values), torch.cat(tokens)
+
+    def free_memory(self) -> None:
+        """After an out-of-memory error: the failed forward's tensors, and on a GPU the
+        allocator's cached blocks, given back before the retry."""
+        import torch
+
+        gc.collect()  # tensors kept alive by reference cycles through the failed frames
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def describe(self, ids: list[int], values: np.ndarray, tokens: np.ndarray) -> list[list[dict]]:
         """The pipeline's postprocess: candidates with score, token, token_str, sequence."""
-        positions = [i for i, t in enumerate(ids) if t == self.tok.mask_token_id]
+        # read once: a tokenizer's attributes cost microseconds each, and a line with M masks
+        # makes M x top_k sequences of its whole length
+        mask, pad = self.tok.mask_token_id, self.tok.pad_token_id
+        positions = [i for i, t in enumerate(ids) if t == mask]
         single = len(positions) == 1
         sequences, rows = [], []
         for m, pos in enumerate(positions):
             for p in tokens[m].tolist():
                 seq = list(ids)
                 seq[pos] = p
-                sequences.append([t for t in seq if t != self.tok.pad_token_id])
+                sequences.append([t for t in seq if t != pad])
         decoded = iter(self.tok.batch_decode(sequences, skip_special_tokens=single))
         for m in range(len(positions)):
             row = []
@@ -136,9 +169,9 @@ class FillMask:
 
 
 def load(cfg: Config) -> FillMask:
-    import torch
+    from job.device import torch_device
 
-    device = f"cuda:{env.local_rank()}" if torch.cuda.is_available() else "cpu"
+    device = torch_device(cfg.run.device)  # run.device: cuda that cannot serve exits 2
     model = cfg.infer.model
     if model is None:  # the training run's model: complete once summary.json exists
         model = storage.join(cfg.run.output, "model")
@@ -161,20 +194,61 @@ def _fill_window(fill: FillMask, lines: list[Line], uri: str, bs: int, progress)
     results: list[dict | None] = [None] * len(lines)
     good = [i for i, x in enumerate(ids) if x is not None]
     good.sort(key=lambda i: len(ids[i]))  # similar lengths together: little padding
-    for start in range(0, len(good), bs):
-        chunk = good[start : start + bs]
-        for i, (values, tokens) in zip(chunk, fill.predict([ids[i] for i in chunk]), strict=True):
+
+    def forward(batch: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return fill.predict([ids[i] for i in batch])
+
+    for batch, predicted in fitted_batches(forward, good, bs, fill.free_memory):
+        if predicted is None:  # out of memory alone: reported as a bad line is
+            (i,) = batch
+            masks = ids[i].count(fill.tok.mask_token_id)
+            why = f"{len(ids[i])} tokens, {masks} masks"
+            lines[i].error = f"out of memory on {fill.device.type} even alone ({why})"
+            continue
+        for i, (values, tokens) in zip(batch, predicted, strict=True):
             results[i] = {
                 "file": uri,
                 "line": lines[i].number,
                 "masks": fill.describe(ids[i], values, tokens),
             }
-        progress.update(len(chunk))
+        progress.update(len(batch))
     for i, ln in enumerate(lines):
         if results[i] is None:
             results[i] = {"file": uri, "line": ln.number, "error": ln.error}
             progress.update(1)
     return results
+
+
+def fitted_batches(
+    forward: Callable[[list], list],
+    items: Sequence,
+    size: int,
+    free: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[list, list | None]]:
+    """(batch, forward(batch)) for `items` in batches of `size`, in order. A batch that runs
+    out of memory (torch.OutOfMemoryError: CUDA's) is retried in halves after `free()`, and
+    the size that fit is kept for the batches after it (lines come sorted by length: the
+    next ones are no shorter), down to one item; one that fails alone gives (batch, None).
+    A CUDA OOM would otherwise exit 1 and the pod would retry the same part forever."""
+    import torch
+
+    start = 0
+    while start < len(items):
+        batch = list(items[start : start + size])
+        try:
+            out, failed = forward(batch), False
+        except torch.OutOfMemoryError:
+            out, failed = None, True  # freed below, outside the handler: its traceback
+            # holds the failed forward's tensors until the handler ends
+        if failed:
+            free()
+            if len(batch) > 1:
+                size = len(batch) // 2
+                log.warning("infer: out of memory on %d lines: %d at a time", len(batch), size)
+                continue
+            log.warning("infer: out of memory on one line alone: reported as its error")
+        yield batch, out
+        start += len(batch)
 
 
 def run_part(fill: FillMask, uri: str, cfg: Config, progress) -> tuple[list[dict], int]:
