@@ -43,7 +43,9 @@ def _check_same_tokenizer(uri: str, tok, manifest) -> None:
 
 def _eval_accelerator(cfg: Config):
     """Plain data parallel even when the run trained with DeepSpeed: evaluation holds no
-    optimizer state to partition, and the forward is the same."""
+    optimizer state to partition. With bf16 the forward is autocast over fp32 weights, as
+    DDP trains; DeepSpeed's training-time evaluation runs its bf16 copy of the module, so
+    the two agree to bf16's precision, not exactly (README, Precision)."""
     from job.train.accel import build_accelerator
 
     plain = cfg.model_copy(deep=True)
@@ -54,6 +56,7 @@ def _eval_accelerator(cfg: Config):
 def main(cfg: Config) -> int:
     """`mlmjob evaluate`: perplexity of `infer.model` (default: the run's `model/`) on the
     config's test split; writes `{run.output}/eval/<name>.json` and prints one line."""
+    import torch
     from transformers import AutoModelForMaskedLM
 
     from job.data.loader import BlockData
@@ -71,12 +74,14 @@ def main(cfg: Config) -> int:
         if not manifest.blocks("test"):
             raise BadInput(f"{manifest.uri}: the test split is empty (data.test_size is 0)")
         data = BlockData(manifest, "test", cfg.cache_dir, acc.is_local_main_process)
+        # fp32 weights whatever the folder holds; train.precision bf16 autocasts them
         model = load_pretrained(
             AutoModelForMaskedLM,
             uri,
             cfg.cache_dir / "models",
             "infer.model",
             attn_implementation="sdpa",
+            dtype=torch.float32,
         )
     wrapper = acc.prepare_model(SparseMLM(model), evaluation_mode=True)
     masker = Masker.of(tok, cfg.run.seed, cfg.train.mlm_probability, acc.device.type == "cuda")
