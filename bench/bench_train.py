@@ -5,6 +5,11 @@ blocks (the shared ELI5 file preprocessed once), batch 8 x 128, same optimizer s
 same number of steps. Each trainer runs in its own process. Afterwards both final models
 are evaluated by one procedure (fixed masks, token-weighted over the test split), so the
 perplexities compare like for like.
+
+mlmjob trains twice: eagerly and with `train.compile` (the static batch layout, the whole
+forward compiled once). Their step rates are read the same way from metrics.jsonl (the
+median of the log windows' tokens/s after the first window, which holds the compilation),
+side by side in "compile".
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +150,27 @@ def eval_perplexity(model_dir: str, dataset_dir: str) -> float:
     return math.exp(total / count)
 
 
+def steady_rate(run_dir: Path) -> dict:
+    """Steps/s and tokens/s of the log windows after the first (start-up, compilation)."""
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    rates = [e["tokens_per_s"] for e in map(json.loads, lines) if e["event"] == "train"][1:]
+    tokens_per_s = statistics.median(rates)
+    return {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "steps_per_s": round(tokens_per_s / (BATCH * 128), 3),
+        "windows": len(rates),
+    }
+
+
+def compile_section(eager_dir: Path, compiled_dir: Path, compiled_summary: dict) -> dict:
+    eager, compiled = steady_rate(eager_dir), steady_rate(compiled_dir)
+    return {
+        "eager": eager,
+        "compiled": {**compiled, "train_seconds": compiled_summary["train_seconds"]},
+        "speedup": round(compiled["tokens_per_s"] / eager["tokens_per_s"], 2),
+    }
+
+
 def run() -> dict:
     env = {**os.environ, "MLMJOB_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,6 +201,16 @@ def run() -> dict:
             [*job, "train", "-c", cfg], env=env, cwd=ROOT, check=True, capture_output=True
         )
         ours = json.loads(Path(tmp, "run", "summary.json").read_text())
+        compiled = [f"run.output={tmp}/compiled", "train.compile=true"]
+        subprocess.run(
+            [*job, "train", "-c", cfg, *(a for s in compiled for a in ("--set", s))],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        compiled_summary = json.loads(Path(tmp, "compiled", "summary.json").read_text())
+        side_by_side = compile_section(Path(tmp, "run"), Path(tmp, "compiled"), compiled_summary)
         code = f"import bench_train; bench_train._trainer_baseline({dataset!r}, {tmp + '/hf'!r})"
         subprocess.run(
             [sys.executable, "-c", code],
@@ -185,6 +222,9 @@ def run() -> dict:
         hf = json.loads(Path(tmp, "hf", "result.json").read_text())
         ppl_ours = eval_perplexity(f"{tmp}/run/model", dataset)
         ppl_hf = eval_perplexity(f"{tmp}/hf/model", dataset)
+        side_by_side["eager"]["eval_perplexity"] = round(ppl_ours, 2)
+        ppl_compiled = eval_perplexity(f"{tmp}/compiled/model", dataset)
+        side_by_side["compiled"]["eval_perplexity"] = round(ppl_compiled, 2)
     return {
         "model": {**MODEL, "vocab_size": 50265, "batch": f"{BATCH} x 128", "steps": STEPS},
         "mlmjob": {
@@ -201,4 +241,5 @@ def run() -> dict:
         },
         "speedup": round(ours["tokens_per_second"] / hf["tokens_per_s"], 2),
         "perplexity_ratio": round(ppl_ours / ppl_hf, 4),
+        "compile": side_by_side,
     }

@@ -1,6 +1,6 @@
 """One-GPU benchmark: mlmjob against the HF Trainer and pipeline, distilroberta-base size.
 
-    python bench/gpu.py [--steps 50] [--warmup 10] [--batch 128] [--only train,zero2,infer]
+    python bench/gpu.py [--steps 50] [--warmup 10] [--batch 128] [--only train,compiled,zero2,infer]
                         [--out FILE] [--tokenizer DIR] [--smoke]
 
 Prints one JSON object (and writes it with --out). Every part runs in its own process, so
@@ -15,6 +15,9 @@ train   (a) mlmjob's step as job/train/loop.py runs it: SparseMLM, MaskedBatch b
         (b) transformers.Trainer + DataCollatorForLanguageModeling, configured carefully
         (gpu_trainer.py). Both train warmup + timed + profiled steps on the same blocks with
         the same schedule, then are evaluated by one procedure on one fixed masked set.
+compiled (a) with train.compile's static batch layout (job.train.batch.Buckets) and the whole
+        forward compiled by job.train.model.compile_step, mode="reduce-overhead" on CUDA (CUDA
+        graphs); the same steps, timed after the warm-up (compile and capture) steps.
 zero2   (a) again, but through accelerate + DeepSpeed ZeRO-2 as job.train.accel builds it.
 infer   job.infer.fill_mask.FillMask (run_part, the CLI's code) against pipeline("fill-mask").
 
@@ -43,9 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from job.config import Config  # noqa: E402
-from job.train.batch import MaskedBatch  # noqa: E402
+from job.train.batch import Buckets, MaskedBatch  # noqa: E402
 from job.train.masking import EVAL_STREAM, mask_tokens  # noqa: E402
-from job.train.model import SparseMLM, flops_per_token  # noqa: E402
+from job.train.model import SparseMLM, compile_step, flops_per_token  # noqa: E402
 from job.train.summary import peak_flops  # noqa: E402
 
 DISTILROBERTA = {
@@ -89,6 +92,13 @@ METHODS = {
     "mode, bf16 autocast, on the same held-out random blocks with the same fixed masks "
     "(mask_tokens(stream=EVAL_STREAM)); loss = summed cross-entropy / masked tokens. On "
     "random tokens both perplexities sit near the vocabulary size; compare the ratio.",
+    "compiled": "the same step and timing as train.mlmjob, with train.compile's static batch "
+    "layout (masked positions padded to buckets fixed by batch, block and masking probability, "
+    "padded rows ignored by the loss) and job.train.model.compile_step (torch.compile of the "
+    "whole forward, dynamic=False; mode='reduce-overhead', i.e. CUDA graphs, on CUDA; "
+    "torch.compiler.cudagraph_mark_step_begin() before each step). Compilation and graph "
+    "capture fall in the warm-up steps; 'recompiles' counts the graphs compiled after the "
+    "first step (0: one shape throughout).",
     "zero2": "the same step and timing as train.mlmjob, in-process, through the accelerator "
     "job.train.accel.build_accelerator makes for train.deepspeed=configs/deepspeed/zero2.json "
     "(its deepspeed_config fills the file in; DeepSpeed clips, so the loop's clip is skipped "
@@ -136,7 +146,10 @@ def random_blocks(n: int, seed: int, tok) -> np.ndarray:
     return ids
 
 
-def masked_batch(tok, blocks: np.ndarray, sample_ids: np.ndarray, stream: int) -> MaskedBatch:
+def masked_batch(
+    tok, blocks: np.ndarray, sample_ids: np.ndarray, stream: int, static: bool = False
+) -> MaskedBatch:
+    """As job.train.batch.Masker lays a batch out; `static`: with train.compile's buckets."""
     inputs, labels = mask_tokens(
         blocks[sample_ids],
         sample_ids,
@@ -147,7 +160,13 @@ def masked_batch(tok, blocks: np.ndarray, sample_ids: np.ndarray, stream: int) -
         vocab_size=len(tok),
         probability=MLM_PROBABILITY,
     )
-    return MaskedBatch.build(inputs, labels)
+    buckets = Buckets.of(*inputs.shape, MLM_PROBABILITY) if static else None
+    return MaskedBatch.build(inputs, labels, buckets)
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """CUDA graphs ("reduce-overhead") where there are any; inductor's default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else None
 
 
 def sync(device: torch.device) -> None:
@@ -265,10 +284,11 @@ class MlmjobSteps:
     """job/train/loop.py's step() without its bookkeeping (one micro-batch per
     step, as with gradient_accumulation_steps 1)."""
 
-    def __init__(self, acc, wrapper, optimizer, schedule, build, total: int):
+    def __init__(self, acc, wrapper, optimizer, schedule, build, total: int, compiled=False):
         from job.train.prefetch import Prefetcher
 
         self.acc, self.wrapper, self.optimizer, self.schedule = acc, wrapper, optimizer, schedule
+        self.compiled = compiled
         self.total, self.prefetch = total, Prefetcher(build)
         self.prefetch.ahead(0)
         self.window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -281,6 +301,8 @@ class MlmjobSteps:
             self.prefetch.ahead(i + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr(i * batch_size)
+        if self.compiled:  # a new step: CUDA graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         loss_sum = self.wrapper(*batch.to(acc.device).tensors())
         acc.backward(loss_sum / max(batch.n, 1))
         if acc.distributed_type.name != "DEEPSPEED":  # DeepSpeed clips by its config
@@ -291,7 +313,14 @@ class MlmjobSteps:
         self.window_tokens += batch.n
 
 
-def run_mlmjob(args, tok, deepspeed: Path | None = None) -> dict:
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def run_mlmjob(args, tok, deepspeed: Path | None = None, compiled: bool = False) -> dict:
     from job.train.accel import build_accelerator
     from job.train.optim import build_optimizer
     from job.train.schedule import Schedule
@@ -303,18 +332,23 @@ def run_mlmjob(args, tok, deepspeed: Path | None = None) -> dict:
     cuda = acc.device.type == "cuda"
 
     def build(i: int) -> MaskedBatch:  # as job.train.batches: epoch 0's masks, pinned on a GPU
-        batch = masked_batch(tok, blocks, np.arange(i * args.batch, (i + 1) * args.batch), 0)
+        ids = np.arange(i * args.batch, (i + 1) * args.batch)
+        batch = masked_batch(tok, blocks, ids, 0, static=compiled)
         return batch.pin() if cuda else batch
 
     wrapper = SparseMLM(new_model(args))
+    if compiled:
+        compile_step(wrapper, compile_mode(acc.device))
     optimizer, _ = build_optimizer(wrapper, cfg.train)
     wrapper, optimizer = acc.prepare(wrapper, optimizer)
     schedule = Schedule.build(cfg.train, len(blocks), args.batch)
-    steps = MlmjobSteps(acc, wrapper, optimizer, schedule, build, total)
+    steps = MlmjobSteps(acc, wrapper, optimizer, schedule, build, total, compiled)
     phases = Phases(args, acc.device)
     phases.at(0)
     for i in range(total):
         steps.step(i, args.batch)
+        if i == 0:
+            first_graphs = graphs_compiled()
         phases.at(i + 1)
     steps.prefetch.close()
     tps = phases.result["tokens_per_s_per_gpu"]
@@ -326,6 +360,9 @@ def run_mlmjob(args, tok, deepspeed: Path | None = None) -> dict:
         "prefetch_hidden_fraction": round(steps.prefetch.stats.hidden_fraction, 3),
         "train_loss": round(loss, 4),
     }
+    if compiled:
+        out["compile_mode"] = compile_mode(acc.device) or "default"
+        out["recompiles"] = graphs_compiled() - first_graphs
     if deepspeed is None:
         out.update(heldout_eval(args, tok, acc.unwrap_model(wrapper).model, acc.device))
     return out
@@ -439,7 +476,12 @@ def run_infer(args, tok) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------
 
-PARTS = {"train": ("mlmjob", "trainer"), "zero2": ("zero2",), "infer": ("infer",)}
+PARTS = {
+    "train": ("mlmjob", "trainer"),
+    "compiled": ("mlmjob_compiled",),
+    "zero2": ("zero2",),
+    "infer": ("infer",),
+}
 
 
 def run_child(name: str, args) -> None:
@@ -452,7 +494,9 @@ def run_child(name: str, args) -> None:
 
         result = gpu_trainer.run_trainer(args, tok)
     else:
-        result = {"mlmjob": run_mlmjob, "zero2": run_zero2, "infer": run_infer}[name](args, tok)
+        runs = {"mlmjob": run_mlmjob, "zero2": run_zero2, "infer": run_infer}
+        runs["mlmjob_compiled"] = lambda args, tok: run_mlmjob(args, tok, compiled=True)
+        result = runs[name](args, tok)
     Path(args.child_out).write_text(json.dumps(result))
 
 
@@ -506,6 +550,20 @@ def train_section(parts: dict) -> dict:
     return section
 
 
+def compiled_section(parts: dict) -> dict:
+    """The compiled static step beside the eager one (train.mlmjob), when both ran."""
+    compiled, eager = parts["mlmjob_compiled"], parts.get("mlmjob", {"error": "not run"})
+    section = {"mlmjob_compiled": compiled}
+    if "error" not in compiled and "error" not in eager:
+        section["speedup_tokens_per_s_vs_eager"] = round(
+            compiled["tokens_per_s_per_gpu"] / eager["tokens_per_s_per_gpu"], 2
+        )
+        section["eval_loss_compiled_minus_eager"] = round(
+            compiled["eval_loss"] - eager["eval_loss"], 4
+        )
+    return section
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, help="timed steps (default 50; smoke 3)")
@@ -514,7 +572,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="per-GPU batch (default 128; smoke 8)")
     p.add_argument("--lines", type=int, help="fill-mask lines (default 2000; smoke 32)")
     p.add_argument("--eval-blocks", type=int, help="held-out blocks (default 2048; smoke 16)")
-    p.add_argument("--only", default="train,zero2,infer", help="comma-separated parts")
+    p.add_argument("--only", default="train,compiled,zero2,infer", help="comma-separated parts")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument(
         "--tokenizer",
@@ -562,6 +620,8 @@ def main() -> int:
         parts = {n: spawn(n, tmp) for part in args.only.split(",") for n in PARTS[part]}
     if "mlmjob" in parts:
         results["train"] = train_section(parts)
+    if "mlmjob_compiled" in parts:
+        results["compiled"] = compiled_section(parts)
     for name in ("zero2", "infer"):
         if name in parts:
             results[name] = parts[name]

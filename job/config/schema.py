@@ -279,7 +279,11 @@ class TrainConfig(_Section):
         description="a DeepSpeed JSON (`configs/deepspeed/zero2.json`); `auto` fields "
         "are filled from `train.*`",
     )
-    compile: bool = Field(False, description="`torch.compile` the encoder layers")
+    compile: bool = Field(
+        False,
+        description="`torch.compile` the whole step with static shapes (masked positions "
+        "padded to fixed buckets): compiled once; evaluations run eagerly",
+    )
     num_threads: Int | None = Field(None, ge=1, description="CPU threads per process")
     collective_timeout_seconds: Float = Field(
         1800.0,

@@ -27,7 +27,7 @@ from job.train.accel import Preemption, build_accelerator, load_universal
 from job.train.batch import Masker
 from job.train.batches import Batches
 from job.train.checkpointer import Checkpointer
-from job.train.model import SparseMLM, compile_layers, load_model
+from job.train.model import SparseMLM, compile_step, load_model
 from job.train.optim import build_optimizer
 from job.train.reporter import Reporter
 from job.train.schedule import Schedule
@@ -151,7 +151,7 @@ def build_data(cfg: Config, acc, tok, manifest, base_batch: int, global_batch: i
             f"global batch of {base_batch}; lower train.per_device_batch_size"
         )
     t = cfg.train
-    masker = Masker.of(tok, cfg.run.seed, t.mlm_probability, pin=acc.device.type == "cuda")
+    masker = Masker.of(tok, cfg.run.seed, t.mlm_probability, acc.device.type == "cuda", t.compile)
     return Data(tok, manifest, train, eval_data, masker, global_batch)
 
 
@@ -161,9 +161,7 @@ def build_model(cfg: Config, acc, tok, block: int, restored, precision: str) -> 
     set_seed(cfg.run.seed)  # the same initial weights (and dropout stream) in every run
     with _full_weights(acc):
         model = load_model(cfg.model, tok, cfg.cache_dir, block)
-    if cfg.train.compile:
-        compile_layers(model)
-    wrapper = SparseMLM(model)
+    wrapper = compile_step(SparseMLM(model)) if cfg.train.compile else SparseMLM(model)
     optimizer, groups = build_optimizer(wrapper, cfg.train)
     log.info("optimizer: AdamW, %s", groups.describe())
     wrapper, optimizer = acc.prepare(wrapper, optimizer)

@@ -40,8 +40,10 @@ def masked_lm_loss(
     wrapper.eval()
     # no_grad, not inference_mode: ZeRO-3 gathers parameters inside the forward, and a
     # tensor it creates in inference mode cannot take part in a later backward (the
-    # evaluation before the first step is ZeRO-3's first gather).
-    with torch.no_grad():
+    # evaluation before the first step is ZeRO-3's first gather). Eager also when the step
+    # is compiled (train.compile): the same weights, and the eval batches' shapes (eval
+    # mode, another batch size, a shorter last batch) never make the step recompile.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for i in range(n_batches):
             ids = mine[i * batch_size : (i + 1) * batch_size]
             real = len(ids) > 0

@@ -23,6 +23,10 @@ from job.pretrained import config_source, load_pretrained
 
 
 def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Module:
+    """The model to train, in fp32 whatever its folder holds or its config.json says
+    (transformers loads `dtype="auto"`): bf16 training autocasts fp32 weights (DDP) or keeps
+    fp32 masters (DeepSpeed). In bf16 weights an AdamW step of 2e-5 is below half the
+    spacing of any weight above ~0.005 in size, and rounds away."""
     from transformers import AutoModelForMaskedLM
 
     config = model_config(cfg, tok, cache_dir, block_size)
@@ -36,6 +40,7 @@ def load_model(cfg: ModelConfig, tok, cache_dir: Path, block_size: int) -> nn.Mo
         key,
         config=config,
         attn_implementation="sdpa",
+        dtype=torch.float32,
     )
 
 
@@ -73,13 +78,16 @@ def model_config(cfg: ModelConfig, tok, cache_dir: Path, block_size: int):
 
 
 def from_config(config, meta: bool = False) -> nn.Module:
-    """A model with random weights (on the meta device, no memory, when `meta`: a preflight's
-    check that the config's values fit together, e.g. the heads divide the hidden size)."""
+    """A model with random fp32 weights (the config's `dtype`, from a bf16 model's folder,
+    say, is not followed; on the meta device, no memory, when `meta`: a preflight's check
+    that the config's values fit together, e.g. the heads divide the hidden size)."""
     from transformers import AutoModelForMaskedLM
 
     try:
         with torch.device("meta") if meta else nullcontext():
-            return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+            return AutoModelForMaskedLM.from_config(
+                config, attn_implementation="sdpa", dtype=torch.float32
+            )
     except (ValueError, TypeError) as e:  # values that do not fit together, or a wrong type
         why = " ".join(str(e).split())  # (a config class that does not check its types)
         raise BadInput(
@@ -144,13 +152,14 @@ def _last_layer_at(layer: nn.Module, h: torch.Tensor, positions: torch.Tensor) -
     return layer.output(layer.intermediate(a), a)
 
 
-def compile_layers(model: nn.Module) -> None:
-    """torch.compile each encoder layer in place (parameter names stay as they are, so
-    checkpoints and save_pretrained are unaffected); the whole model if its layout is unknown."""
-    parts = encoder_and_head(model)
-    layers = _bert_layers(parts[0]) if parts else None
-    for module in layers if layers is not None else [model]:
-        module.compile(dynamic=True)
+def compile_step(wrapper: SparseMLM, mode: str | None = None) -> SparseMLM:
+    """torch.compile the whole forward (embeddings, layers, head, loss) in place, for the
+    static batch layout (job.train.batch.Buckets): `dynamic=False`, so every size is a
+    constant, one graph serves every step, and `mode="reduce-overhead"` can capture it in
+    a CUDA graph. In place (`nn.Module.compile`), so parameter names stay as they are:
+    checkpoints and save_pretrained never see `_orig_mod.`."""
+    wrapper.compile(dynamic=False, mode=mode)
+    return wrapper
 
 
 class SparseMLM(nn.Module):
@@ -172,7 +181,8 @@ class SparseMLM(nn.Module):
         query_index: torch.Tensor,
     ) -> torch.Tensor:
         """The summed loss over the masked tokens (see job.train.batch.MaskedBatch for the
-        arguments). Every shape is known on the host: no synchronisation in here."""
+        arguments; padded entries have target -100, cross_entropy's ignore_index, and add
+        nothing). Every shape is known on the host: no synchronisation in here."""
         if self.bert:
             encoder, head = encoder_and_head(self.model)
             layers = _bert_layers(encoder)
