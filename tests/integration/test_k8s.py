@@ -301,8 +301,7 @@ def user_overlay(tmp_path: Path, base: str, storage: str, patches: str = "") -> 
         "      - MLMJOB_RUN=kubelet\n      - MLMJOB_CONFIG=kubelet-test\n"
         f"      - MLMJOB_STORAGE={storage}\n      - MLMJOB_INFER_INPUTS={storage}/in/*.txt\n"
         # the stand-in cluster runs the GPU stages on this CPU
-        "      - MLMJOB_DEVICE=auto\n"
-        + patches
+        "      - MLMJOB_DEVICE=auto\n" + patches
     )
     return folder
 
