@@ -1,7 +1,8 @@
 """One-GPU benchmark: mlmjob against the HF Trainer and pipeline, distilroberta-base size.
 
-    python bench/gpu.py [--steps 50] [--warmup 10] [--batch 128] [--only train,compiled,zero2,infer]
-                        [--out FILE] [--tokenizer DIR] [--smoke]
+    python bench/gpu.py [--steps 50] [--warmup 10] [--batch 128]
+                        [--only train,compiled,zero2,infer,e2e] [--e2e-steps 200]
+                        [--out FILE] [--tokenizer DIR] [--eli5 FILE] [--smoke]
 
 Prints one JSON object (and writes it with --out). Every part runs in its own process, so
 that accelerate's and DeepSpeed's global state, CUDA caches and peak-memory counters of one
@@ -20,6 +21,10 @@ compiled (a) with train.compile's static batch layout (job.train.batch.Buckets) 
         graphs); the same steps, timed after the warm-up (compile and capture) steps.
 zero2   (a) again, but through accelerate + DeepSpeed ZeRO-2 as job.train.accel builds it.
 infer   job.infer.fill_mask.FillMask (run_part, the CLI's code) against pipeline("fill-mask").
+e2e     the job as the pods run it (gpu_e2e.py): `mlmjob preprocess` of the shared ELI5 file,
+        `python -m job.launch train` (torchrun, one GPU; train.compile, bf16, a checkpoint
+        every quarter of the run), `mlmjob infer`; figures from summary.json (its `phases`),
+        metrics.jsonl and the job's log.
 
 How each figure is measured is in the JSON's "methods". --smoke runs every code path on
 the CPU with a tiny model; its figures mean nothing.
@@ -68,6 +73,7 @@ SMOKE_MODEL = {
 }
 SEQ, SEED, LR, WEIGHT_DECAY, MLM_PROBABILITY = 128, 42, 1e-4, 0.01, 0.15
 ZERO2 = ROOT / "configs" / "deepspeed" / "zero2.json"
+SHARED = ROOT.parent / "shared" / "data"  # as bench/common.py, which exits when it is absent
 
 METHODS = {
     "tokens_per_s_per_gpu": "timed_steps x batch x 128 / wall seconds of the timed steps, "
@@ -105,6 +111,15 @@ METHODS = {
     "as the loop skips it); one process, rendezvous from MASTER_ADDR/PORT, RANK=0, "
     "WORLD_SIZE=1, LOCAL_RANK=0. Chosen over running `mlmjob train`: its tokens_per_second "
     "averages over every step including the first (start-up), and it reports no peak memory.",
+    "e2e": "the real job in fresh processes on a config written to a temporary folder "
+    "(gpu_e2e.py): the same architecture with random weights (model.from_scratch), ELI5 "
+    "blocks of 128, --batch per GPU, --e2e-steps steps, a checkpoint every quarter of them "
+    "to the run's local output folder. 'train' is summary.json's figures: tokens_per_second "
+    "over every step (the first, with compilation, included), mfu from it, phases; "
+    "'steady_tokens_per_second' over metrics.jsonl's log windows after the first, "
+    "'steady_mfu' scaled from mfu by it; checkpoint total/blocking seconds from the log line "
+    "at each commit. 'infer' is mlmjob infer's own lines/s (after its model is loaded), "
+    "on the run's model/; 'command_seconds' each command's wall time, process start included.",
     "infer_lines_per_s": "lines / wall seconds after the model is loaded and one warm-up "
     "batch has run; FillMask through job.infer.fill_mask.run_part (read, encode, sort by length, "
     "batch 64, top-k, describe), the pipeline one call per line or batch_size=64.",
@@ -481,6 +496,7 @@ PARTS = {
     "compiled": ("mlmjob_compiled",),
     "zero2": ("zero2",),
     "infer": ("infer",),
+    "e2e": ("e2e",),
 }
 
 
@@ -493,6 +509,10 @@ def run_child(name: str, args) -> None:
         import gpu_trainer
 
         result = gpu_trainer.run_trainer(args, tok)
+    elif name == "e2e":
+        import gpu_e2e
+
+        result = gpu_e2e.run_e2e(args)
     else:
         runs = {"mlmjob": run_mlmjob, "zero2": run_zero2, "infer": run_infer}
         runs["mlmjob_compiled"] = lambda args, tok: run_mlmjob(args, tok, compiled=True)
@@ -572,12 +592,18 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="per-GPU batch (default 128; smoke 8)")
     p.add_argument("--lines", type=int, help="fill-mask lines (default 2000; smoke 32)")
     p.add_argument("--eval-blocks", type=int, help="held-out blocks (default 2048; smoke 16)")
-    p.add_argument("--only", default="train,compiled,zero2,infer", help="comma-separated parts")
+    p.add_argument("--e2e-steps", type=int, help="e2e training steps (default 200; smoke 8)")
+    p.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument(
         "--tokenizer",
-        default=str(ROOT.parent / "shared/data/roberta-base-tokenizer"),
+        default=str(SHARED / "roberta-base-tokenizer"),
         help="roberta-base tokenizer folder (default ../shared/data/...)",
+    )
+    p.add_argument(
+        "--eli5",
+        default=str(SHARED / "eli5/eli5-category-validation-2.json.gz"),
+        help="the ELI5 file e2e trains on (default ../shared/data/eli5/...)",
     )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks code paths")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -590,6 +616,7 @@ def parse_args(argv=None):
         "batch": (128, 8),
         "lines": (2000, 32),
         "eval_blocks": (2048, 16),
+        "e2e_steps": (200, 8),
     }
     for key, (full, smoke) in defaults.items():
         if getattr(args, key) is None:
@@ -615,6 +642,9 @@ def main() -> int:
     if not Path(args.tokenizer, "tokenizer_config.json").exists():
         print(f"bench/gpu.py: no tokenizer at {args.tokenizer} (--tokenizer)", file=sys.stderr)
         return 2
+    if "e2e" in args.only.split(",") and not Path(args.eli5).is_file():
+        print(f"bench/gpu.py: no ELI5 file at {args.eli5} (--eli5)", file=sys.stderr)
+        return 2
     results = header(args, cuda)
     with tempfile.TemporaryDirectory() as tmp:
         parts = {n: spawn(n, tmp) for part in args.only.split(",") for n in PARTS[part]}
@@ -622,7 +652,7 @@ def main() -> int:
         results["train"] = train_section(parts)
     if "mlmjob_compiled" in parts:
         results["compiled"] = compiled_section(parts)
-    for name in ("zero2", "infer"):
+    for name in ("zero2", "infer", "e2e"):
         if name in parts:
             results[name] = parts[name]
     text = json.dumps(results, indent=2)

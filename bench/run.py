@@ -1,6 +1,7 @@
 """`make bench`: every CPU benchmark, one JSON object on stdout (figures in the README).
 
-python bench/run.py [--only preprocess,train,batches,infer,memory,infer_memory] [--out bench.json]
+python bench/run.py [--only preprocess,train,batches,infer,memory,infer_memory,checkpoint]
+                    [--out bench.json]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("MLMJOB_NO_PROGRESS", "1")
 
-SECTIONS = ("preprocess", "train", "batches", "infer", "memory", "infer_memory")
+SECTIONS = ("preprocess", "train", "batches", "infer", "memory", "infer_memory", "checkpoint")
 
 
 def main() -> None:
