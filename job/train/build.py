@@ -85,8 +85,9 @@ def build(cfg: Config) -> Parts:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
-    with preemption.interruptible():  # may wait for preprocessing (a read loop)
+    clock = Clock()  # its phases time the rest of start-up
+    with clock.phases.timed("data_s"), preemption.interruptible():  # may wait for preprocessing
+        tok = load_tokenizer(cfg.tokenizer, cfg.cache_dir)
         manifest = dataset_manifest(cfg, tok)
     run_key = hashlib.sha256(cfg.run.output.encode()).hexdigest()[:16]
     staging = cfg.cache_dir / "staging" / run_key
@@ -94,14 +95,19 @@ def build(cfg: Config) -> Parts:
     acc, precision = build_accelerator(cfg, tracking_dir=tb_dir if t.report_to else None)
     world = acc.num_processes
     global_batch = t.per_device_batch_size * world * t.gradient_accumulation_steps
-    restored = checkpoint.fetch(acc, cfg.run.output, staging)
-    state = build_state(cfg, acc, restored, global_batch)
-    data = build_data(cfg, acc, tok, manifest, state.base_batch, global_batch)
+    with clock.phases.timed("model_s"):  # the checkpoint it resumes from with the model
+        restored = checkpoint.fetch(acc, cfg.run.output, staging)
+        state = build_state(cfg, acc, restored, global_batch)
+    # the earlier attempts' phases, saved beside the TrainState (Checkpointer.save)
+    clock.phases.load_state_dict(restored.state.get("phases") if restored else None)
+    with clock.phases.timed("data_s"):
+        data = build_data(cfg, acc, tok, manifest, state.base_batch, global_batch)
     schedule = Schedule.build(t, len(data.train), state.base_batch)
-    model = build_model(cfg, acc, tok, manifest.block_size, restored, precision)
+    with clock.phases.timed("model_s"):
+        model = build_model(cfg, acc, tok, manifest.block_size, restored, precision)
     # the train loss restored to rank 0 only (LossWindow)
     window = LossWindow.restored(state, acc.device, acc.process_index, partial(dist.sum_ranks, acc))
-    run = _run_parts(cfg, acc, data, model, state, window, restored, staging, tb_dir)
+    run = _run_parts(cfg, acc, data, model, state, window, restored, staging, tb_dir, clock)
     return Parts(
         cfg, acc, preemption, staging, restored, state, window, data, schedule, model, *run
     )
@@ -191,11 +197,12 @@ def _full_weights(accelerator):
         plugin.set_deepspeed_weakref()
 
 
-def _run_parts(cfg: Config, acc, data: Data, model: Model, state, window, restored, staging, tb):
+def _run_parts(
+    cfg: Config, acc, data: Data, model: Model, state, window, restored, staging, tb, clock
+):
     """The clock, batches, reporter, checkpointer and validator, in Parts' order. Nothing
     here writes: metrics and trackers start with the first step (Reporter.begin)."""
     t, rank = cfg.train, acc.process_index
-    clock = Clock()
     batches = Batches(
         data.train,
         data.masker,
@@ -208,5 +215,7 @@ def _run_parts(cfg: Config, acc, data: Data, model: Model, state, window, restor
     resume_step = state.step if restored else None
     saved_uri = restored.uri if restored else None
     checkpointer = Checkpointer(acc, cfg, staging, window, clock, reporter, resume_step, saved_uri)
-    validator = Validator(acc, model.wrapper, data.eval, data.masker, cfg, reporter, checkpointer)
+    validator = Validator(
+        acc, model.wrapper, data.eval, data.masker, cfg, reporter, checkpointer, clock.phases
+    )
     return clock, batches, reporter, checkpointer, validator

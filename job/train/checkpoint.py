@@ -2,8 +2,9 @@
 
 `{run.output}/checkpoints/step-{N}/` holds what `accelerator.save_state` wrote (model,
 optimizer, every rank's RNG state; with DeepSpeed, every rank's ZeRO partition) plus
-`train_state.json`. Every node stages its ranks' files on local disk and uploads them;
-rank 0 then writes `COMMITTED.json` listing every file with its size and sha256. A
+`train_state.json`. Every node stages its ranks' files on local disk (`stage`) and uploads
+them (`upload`, on a background thread: job.train.upload); once every node is done, rank 0
+writes `COMMITTED.json` listing every file with its size and sha256 (`commit`). A
 checkpoint without that marker, or with a file missing or of the wrong size, is skipped
 for the previous one with a warning.
 """
@@ -106,11 +107,15 @@ def _describe(local: Path) -> dict:
     return out
 
 
-def save(accelerator, run_output: str, step: int, state: dict, staging: Path, keep: int) -> str:
-    """Collective: every rank calls it. Returns the committed checkpoint's URI."""
-    from accelerate.utils import gather_object
+def step_uri(run_output: str, step: int) -> str:
+    return storage.join(root(run_output), f"step-{step}")
 
-    uri = storage.join(root(run_output), f"step-{step}")
+
+def stage(accelerator, step: int, state: dict, staging: Path) -> Path:
+    """Collective: every rank writes its part of checkpoint `step` (accelerate's state; rank
+    0 also train_state.json) into the node-local staging folder, which it returns. Local
+    disk only: this is the part of a checkpoint that blocks training (job.train.upload
+    hashes and uploads it in the background)."""
     local = staging / f"step-{step}"
     if accelerator.is_local_main_process:
         shutil.rmtree(local, ignore_errors=True)
@@ -120,11 +125,29 @@ def save(accelerator, run_output: str, step: int, state: dict, staging: Path, ke
     if accelerator.is_main_process:
         (local / STATE).write_text(jsonio.dumps(state, indent=2))
     accelerator.wait_for_everyone()
-    files = {}
-    if accelerator.is_local_main_process:
-        files = _describe(local)
-        storage.upload_dir(local, uri)
-        shutil.rmtree(local, ignore_errors=True)
+    return local
+
+
+def upload(local: Path, uri: str, cancelled=None) -> dict:
+    """A node's local main process: hash and upload a staged checkpoint's files, then free
+    the staging folder. Returns the files as COMMITTED.json lists them. `cancelled` (an
+    Event) stops it between two files (the run is failing anyway)."""
+    files = _describe(local)
+    for rel in files:
+        if cancelled is not None and cancelled.is_set():
+            raise RuntimeError(f"{uri}: upload abandoned")
+        storage.upload_file(local / rel, storage.join(uri, rel))
+    shutil.rmtree(local, ignore_errors=True)
+    return files
+
+
+def commit(accelerator, run_output: str, step: int, files: dict, keep: int) -> str:
+    """Collective, once every node has uploaded its files (`files`: this node's, empty on
+    the other ranks): rank 0 writes COMMITTED.json with all of them (fenced by the lease)
+    and prunes. Returns the committed checkpoint's URI."""
+    from accelerate.utils import gather_object
+
+    uri = step_uri(run_output, step)
     merged: dict = {}
     for part in gather_object([files]):
         merged.update(part)

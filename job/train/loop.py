@@ -10,6 +10,7 @@ committed checkpoint left it, on the same or another number of processes.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 
 from job import launch, storage
@@ -33,6 +34,14 @@ def should_check_preemption(step: int, log_every: int) -> bool:
 def train(parts: Parts) -> int:
     """The run: start-up checks, the initial evaluation, the steps, the last evaluation and
     the outputs. Exit 0, or 3 when preempted (a checkpoint committed once training runs)."""
+    try:
+        return run(parts)
+    except BaseException:
+        parts.checkpointer.abandon()  # an upload that will never be committed
+        raise
+
+
+def run(parts: Parts) -> int:
     if stopped_in_startup(parts):
         return EXIT_PREEMPTED
     parts.validator.initial(parts.state)
@@ -46,6 +55,7 @@ def train(parts: Parts) -> int:
     parts.batches.close()
     if (parts.state.last_eval or {}).get("step") != parts.state.step:
         parts.validator.validate(parts.state)
+    parts.checkpointer.wait()  # the last checkpoint's upload went on during that evaluation
     outputs.finish(parts)
     return EXIT_OK
 
@@ -60,13 +70,25 @@ def iteration(parts: Parts) -> bool:
     last = finished(parts)
     parts.reporter.log(st, lr, last, parts.checkpointer.saved_uri)
     epoch_end = not last and next_epoch(st, parts.schedule, gb)
+    parts.clock.phases.add("train_s", parts.clock.step_seconds())  # with its batch, its log
     if parts.validator.should_validate(st.step, epoch_end):
-        parts.validator.validate(st)
-    parts.checkpointer.save(st, epoch_end)
-    stop = should_check_preemption(st.step, t.log_every_steps) and (
-        parts.preemption.agreed(parts.accelerator)
-    )
+        parts.validator.validate(st)  # eval_s
+    parts.checkpointer.save(st, epoch_end)  # checkpoint_blocking_s
+    stop = should_check_preemption(st.step, t.log_every_steps) and agreed(parts)
     parts.clock.lap()
+    return stop
+
+
+def agreed(parts: Parts) -> bool:
+    """The preemption check: whether the ranks agree to stop for a SIGTERM. Its all-reduce
+    also commits a checkpoint every node has uploaded (Checkpointer.poll). Its time is the
+    step's (on a GPU it waits for the step's kernels) but for that commit's, which is the
+    checkpoint's."""
+    checkpointer, phases = parts.checkpointer, parts.clock.phases
+    began, committing = time.perf_counter(), checkpointer.blocking_seconds
+    stop = checkpointer.poll(parts.preemption.requested)
+    committed = checkpointer.blocking_seconds - committing
+    phases.add("train_s", time.perf_counter() - began - committed)
     return stop
 
 
@@ -146,6 +168,7 @@ def startup_preempted(how: str) -> None:
 
 def preempted(parts: Parts) -> int:
     parts.checkpointer.save(parts.state, force=True)
+    parts.checkpointer.wait()  # committed before exit 3
     parts.batches.close()
     uri = parts.checkpointer.saved_uri
     done = f"preempted at step {parts.state.step}: checkpoint committed ({uri})"

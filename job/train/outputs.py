@@ -27,12 +27,16 @@ def finish(parts: Parts) -> None:
     """Collective: every rank gathers the weights; rank 0 writes the outputs. The Hub push,
     which may take long, runs on rank 0 after the process group has ended: the other ranks
     exit instead of waiting for it in a collective (under NCCL's timeout)."""
-    acc, st, cfg = parts.accelerator, parts.state, parts.cfg
+    acc, st, cfg, phases = parts.accelerator, parts.state, parts.cfg, parts.clock.phases
+    with phases.timed("save_s"):
+        state_dict = fp32_state_dict(acc, parts.model.wrapper)
+        if acc.is_main_process:
+            export_model(parts, state_dict)
     st.wall_seconds = parts.clock.wall_seconds()
-    state_dict = fp32_state_dict(acc, parts.model.wrapper)
     if acc.is_main_process:
-        export_model(parts, state_dict)
         figures = summary(parts)
+        for row in phases.table(st.wall_seconds):
+            log.info("%s", row)
         png = parts.reporter.final_plot()
         write_summary(cfg.run.output, figures)
         parts.reporter.track_summary(figures, png, st.step)
@@ -159,4 +163,5 @@ def summary(parts: Parts) -> dict:
         # This attempt's batch building (a resumed run counts from its restart).
         "input_hidden_fraction": round(stats.hidden_fraction, 4),
         "input_wait_seconds": round(stats.wait_seconds, 3),
+        "phases": parts.clock.phases.summary(),
     }

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from job.train.phases import Phases, process_started
+
 
 @dataclass
 class TrainState:
@@ -115,15 +117,20 @@ class LossWindow:
 @dataclass
 class Clock:
     """The run's one clock: wall time over every attempt (the checkpoint's wall seconds
-    plus this attempt's), and the mark each step's training seconds are counted from."""
+    plus this attempt's, from its process's start), the mark each step's training seconds
+    are counted from, and the phases the time went to."""
 
     wall_before: float = 0.0  # the attempts before this one (TrainState.wall_seconds)
     start: float = 0.0
     mark: float = 0.0
+    phases: Phases = field(default_factory=Phases)
 
     def begin(self, wall_before: float) -> None:
+        """At the first step: the process's age so far is this attempt's start-up."""
         self.wall_before = wall_before
-        self.start = self.mark = time.perf_counter()
+        self.start = process_started()
+        self.mark = time.perf_counter()
+        self.phases.started()
 
     def step_seconds(self) -> float:
         """Since the mark: the step that just ran, with the wait for its batch."""

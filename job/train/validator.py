@@ -14,6 +14,7 @@ from job.train.batch import Masker
 from job.train.checkpointer import Checkpointer
 from job.train.evaluate import masked_lm_loss
 from job.train.masking import EVAL_STREAM
+from job.train.phases import Phases
 from job.train.reporter import Reporter
 from job.train.state import TrainState
 
@@ -33,9 +34,11 @@ class Validator:
         cfg: Config,
         reporter: Reporter,
         checkpointer: Checkpointer,
+        phases: Phases,
     ):
         self.accelerator, self.wrapper, self.data, self.masker = accelerator, wrapper, data, masker
         self.cfg, self.reporter, self.checkpointer = cfg, reporter, checkpointer
+        self.phases = phases  # initial_eval_s and eval_s
 
     def should_validate(self, step: int, epoch_end: bool) -> bool:
         return should_eval(step, self.cfg.train.eval_every_steps, epoch_end)
@@ -57,7 +60,8 @@ class Validator:
         training that follows is the same as without it."""
         if self.data is None or st.step > 0 or st.initial_eval is not None:
             return
-        st.initial_eval = self.evaluate()
+        with self.phases.timed("initial_eval_s"):
+            st.initial_eval = self.evaluate()
         loss = st.initial_eval["eval_loss"]  # the same on every rank
         if not math.isfinite(loss):
             name = self.cfg.model.name_or_path
@@ -74,7 +78,8 @@ class Validator:
         """Collective: an evaluation at this step (none without a test split)."""
         if self.data is None:
             return
-        result = self.evaluate()
+        with self.phases.timed("eval_s"):
+            result = self.evaluate()
         last_good = self.checkpointer.saved_uri
         self.reporter.stop_if_diverged(result["eval_loss"], "eval loss", st.step, last_good)
         st.last_eval = {**result, "step": st.step}

@@ -23,6 +23,7 @@ from support.training import (
 
 from job import storage
 from job.train import checkpoint
+from job.train.phases import EXCLUSIVE
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +56,20 @@ def test_single_process_outputs(reference):
     assert (reference / "config.yaml").exists()
     committed = sorted(p.parent.name for p in (reference / "checkpoints").glob("*/COMMITTED.json"))
     assert committed == ["step-18", "step-24"]  # the last two kept
+    assert_phases_cover_the_wall(summary)
+
+
+def assert_phases_cover_the_wall(summary: dict) -> None:
+    """summary.json's phases: every one timed, the exclusive ones summing to wall_seconds."""
+    phases = summary["phases"]
+    assert set(phases) == set(EXCLUSIVE) | {"checkpoint_total_s"}
+    for name in ("startup_s", "data_s", "model_s", "initial_eval_s", "train_s", "eval_s"):
+        assert phases[name] > 0, name
+    assert phases["save_s"] > 0 and phases["checkpoint_blocking_s"] > 0
+    assert phases["checkpoint_total_s"] >= phases["checkpoint_blocking_s"]
+    total = sum(phases[name] for name in EXCLUSIVE)
+    assert total == pytest.approx(summary["wall_seconds"], rel=0.15), phases
+    assert summary["wall_seconds"] > summary["train_seconds"]
 
 
 def test_model_works_with_the_fill_mask_pipeline(reference):
@@ -155,6 +170,7 @@ def test_two_processes_resumed_with_one_continue_at_the_same_sample(synthetic, t
     assert [e["samples"] for e in after] == [48 + 4 * k for k in range(1, 9)]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["train_samples"] == 80
+    assert_phases_cover_the_wall(summary)  # two attempts' phases, the first's to step 6
 
 
 def test_uncommitted_or_truncated_latest_checkpoint_is_skipped(tmp_path, caplog, s3_prefix):

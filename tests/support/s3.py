@@ -1,5 +1,5 @@
 """S3 on loopback: a SeaweedFS server (restartable, for outages) and a proxy in front of it
-that counts, fails or throttles requests."""
+that counts, fails, throttles or slows down requests."""
 
 from __future__ import annotations
 
@@ -114,8 +114,9 @@ class S3Proxy:
 
     API: `endpoint` (the URL to give boto3), `counts` (a snapshot Counter of
     (method, unquoted path without the query), e.g. ("GET", "/test/pre/x.txt"); failed
-    requests count too), `fail_next(n, code="ExpiredToken", status=403)`, `reset()` (zero
-    the counts, drop pending failures), `env()` (environment for a CLI run through it).
+    requests count too), `fail_next(n, code="ExpiredToken", status=403)`, `throttle(every)`,
+    `limit(bytes_per_second)` (a slow uplink), `reset()` (zero the counts, drop pending
+    failures, throttling and the limit), `env()` (environment for a CLI run through it).
     """
 
     def __init__(self, upstream: str):
@@ -125,6 +126,7 @@ class S3Proxy:
         self._counts: Counter = Counter()
         self._failures: list[tuple[str, int]] = []
         self._every, self._seen = (0, None), 0
+        self._rate, self._free_at = 0.0, 0.0  # limit(): bytes/s, when the link is free
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self.server.daemon_threads = True
         self.server.proxy = self
@@ -142,6 +144,7 @@ class S3Proxy:
             self._counts.clear()
             self._failures.clear()
             self._every = (0, None)
+            self._rate = 0.0
 
     def fail_next(self, n: int, code: str = "ExpiredToken", status: int = 403) -> None:
         with self._lock:
@@ -151,6 +154,24 @@ class S3Proxy:
         """Answer every `every`-th request from now on with `code` (0: stop)."""
         with self._lock:
             self._every, self._seen = (every, (code, status)), 0
+
+    def limit(self, bytes_per_second: float) -> None:
+        """From now on take in request bodies (PUTs, multipart parts) at most this fast,
+        all connections together, as one slow uplink would (0: no limit). The client's
+        send blocks meanwhile (TCP backpressure), so its timeouts see a slow link, not a
+        stalled answer."""
+        with self._lock:
+            self._rate, self._free_at = float(bytes_per_second), 0.0
+
+    def pace(self, n: int) -> None:
+        """Called for each piece of a request body as it is read: wait for the link's turn
+        (pieces of all connections queue for one link)."""
+        with self._lock:
+            if not self._rate:
+                return
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = until = start + n / self._rate
+        time.sleep(max(0.0, until - time.monotonic()))
 
     def env(self) -> dict:
         return {"AWS_ENDPOINT_URL": self.endpoint}
@@ -177,11 +198,24 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet: pytest shows stderr of failing tests
         pass
 
+    def _read(self, n: int) -> bytes:
+        """`n` bytes of the body, in pieces paced by the proxy's limit (if any)."""
+        proxy: S3Proxy = self.server.proxy
+        pieces = []
+        while n > 0:
+            piece = self.rfile.read(min(n, 1 << 16))
+            if not piece:
+                break
+            proxy.pace(len(piece))
+            pieces.append(piece)
+            n -= len(piece)
+        return b"".join(pieces)
+
     def _body(self) -> bytes:
         """The request body as sent, chunk framing included (boto3 streams aws-chunked
         uploads with Transfer-Encoding: chunked)."""
         if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            return self._read(int(self.headers.get("Content-Length") or 0))
         raw = b""
         while True:
             line = self.rfile.readline()
@@ -189,7 +223,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             size = int(line.split(b";")[0].strip(), 16)
             if size == 0:
                 break
-            raw += self.rfile.read(size + 2)
+            raw += self._read(size + 2)
         while True:  # trailers (the checksum), then the empty line
             line = self.rfile.readline()
             raw += line
