@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from job.errors import TransientStorageError
 from job.storage.s3 import _CONFLICT, _s3_call
 from job.storage.uri import is_s3, local_path, split_s3
 from job.storage.write import _write_bytes
@@ -82,15 +83,35 @@ def delete_if(uri: str, version: str) -> bool:
 def _folder_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on the folder holding `path` (flock on the folder itself: no lock
     file left beside the outputs)."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _flock(fd, path.parent)
         yield
     finally:
         os.close(fd)
+
+
+_LOCK_SECONDS = 60.0  # the lock is held for a read-compare-rename: milliseconds
+
+
+def _flock(fd: int, folder: Path) -> None:
+    """flock with a deadline: a holder that hangs inside its few milliseconds (a stopped or
+    frozen process) must not hang every other writer of the folder with it."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + _LOCK_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TransientStorageError(
+                    f"{folder}: its lock has been held by another process for {_LOCK_SECONDS:.0f} s"
+                ) from None
+            time.sleep(0.01)
 
 
 def _s3_write_if(uri: str, data: bytes, version: str | None) -> str | None:

@@ -152,7 +152,7 @@ def test_holder_that_lost_its_lease_commits_nothing(synthetic, data, tmp_path):
     cfg = config(tmp_path, synthetic, data, run, ttl=2, steps=400)
     first = start("train", "-c", cfg)
     wait_for(lambda: len(events(str(run))) >= 3)
-    os.kill(first.pid, signal.SIGSTOP)
+    stop_outside_its_folder_lock(first.pid, run)
     time.sleep(3)  # past its TTL: the lease is up for takeover
     taker = lease_taken(str(run))
     os.kill(first.pid, signal.SIGCONT)
@@ -161,6 +161,22 @@ def test_holder_that_lost_its_lease_commits_nothing(synthetic, data, tmp_path):
     assert "no longer holds its lease" in err
     assert storage.read_text(storage.join(str(run), "_lease.json")) == taker
     assert not storage.exists(storage.join(str(run), "summary.json"))
+
+
+def stop_outside_its_folder_lock(pid: int, folder: Path) -> None:
+    """SIGSTOP, but not inside the few milliseconds a lease renewal holds the run folder's
+    flock (a stopped holder would keep it, and the taker would wait for the lock instead
+    of the TTL): resumed and stopped again until /proc/locks shows it no lock on the folder."""
+    inode = f":{os.stat(folder).st_ino} "
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)  # the stop takes effect
+        locks = Path("/proc/locks").read_text().splitlines()
+        if not any(f" {pid} " in line and inode in line for line in locks):
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} kept a file lock in 100 tries")
 
 
 def lease_taken(output: str) -> str:

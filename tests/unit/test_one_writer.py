@@ -4,11 +4,14 @@ infer` on one output, another job's parts and a user's file in infer.output, key
 manifest paths that lead out of the cache. The direct tests: no process, no server (the
 others are in tests/integration/test_one_writer.py)."""
 
+import fcntl
+import os
+
 import pytest
 
 from job import storage
-from job.errors import StorageError
-from job.storage import transfer
+from job.errors import StorageError, TransientStorageError
+from job.storage import transfer, versioned
 
 
 @pytest.mark.unit
@@ -23,3 +26,17 @@ def test_keys_that_lead_out_of_the_cache_are_refused(tmp_path, monkeypatch):
     ):
         storage.download_dir("s3://test/m", tmp_path / "dest")
     assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_a_folder_lock_held_past_its_deadline_is_a_transient_error(tmp_path, monkeypatch):
+    """A process that hangs holding the folder's flock (stopped, frozen) makes the other
+    writers fail after the deadline (exit 1, worth a retry) instead of waiting forever."""
+    monkeypatch.setattr(versioned, "_LOCK_SECONDS", 0.2)
+    holder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: flock conflicts with it
+    try:
+        with pytest.raises(TransientStorageError, match=f"{tmp_path}: its lock has been held"):
+            versioned.write_if(str(tmp_path / "_lease.json"), b"{}", None)
+    finally:
+        os.close(holder)
+    assert versioned.write_if(str(tmp_path / "_lease.json"), b"{}", None) is not None
