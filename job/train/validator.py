@@ -75,11 +75,15 @@ class Validator:
         )
 
     def validate(self, st: TrainState) -> None:
-        """Collective: an evaluation at this step (none without a test split)."""
+        """Collective: an evaluation at this step (none without a test split), with its
+        reporting (the eval event redraws loss.png): eval_s."""
         if self.data is None:
             return
         with self.phases.timed("eval_s"):
-            result = self.evaluate()
+            self._validate(st)
+
+    def _validate(self, st: TrainState) -> None:
+        result = self.evaluate()
         last_good = self.checkpointer.saved_uri
         self.reporter.stop_if_diverged(result["eval_loss"], "eval loss", st.step, last_good)
         st.last_eval = {**result, "step": st.step}
