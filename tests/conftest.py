@@ -22,16 +22,14 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from support.cli import preprocessed
 from support.data import REAL, REQUIRE_DATA, Inputs, data_missing, need_data
-from support.hub import FakeHub
+from support.hub import serve_hub
 from support.s3 import S3Proxy, Weed, free_port, serve
 from support.training import TINY, config, launch
 
@@ -188,12 +186,5 @@ def mlflow_server(tmp_path_factory, s3):
 
 @pytest.fixture
 def hub():
-    record = {"requests": [], "created": [], "branches": [], "commits": [], "validated": []}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    server.daemon_threads = True
-    server.hub = record
-    record["url"] = f"http://127.0.0.1:{server.server_port}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield record
-    server.shutdown()
-    server.server_close()
+    with serve_hub() as record:
+        yield record

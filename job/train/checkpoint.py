@@ -66,7 +66,7 @@ def committed(run_output: str) -> list[tuple[int, str]]:
     """Committed checkpoints whose files are all there at their sizes, newest first."""
     found = []
     for step, files in sorted(_steps(run_output).items(), reverse=True):
-        uri = storage.join(root(run_output), f"step-{step}")
+        uri = step_uri(run_output, step)
         marker = storage.join(uri, COMMIT)
         if not _has_marker(files, step):
             log.warning("checkpoint %s was never committed; skipping it", uri)
@@ -171,7 +171,7 @@ def prune(run_output: str, keep: int, saved: int | None = None) -> None:
     newest = committed[-1] if committed else -1
     for step in steps:
         if step not in survivors and (step <= newest or saved is not None):
-            uri = storage.join(root(run_output), f"step-{step}")
+            uri = step_uri(run_output, step)
             storage.delete(storage.join(uri, COMMIT))  # uncommit first, then remove
             storage.delete_prefix(uri)
 

@@ -50,10 +50,6 @@ class Checkpointer:
     saved_at: int | None = None  # the step of the newest checkpoint saved (maybe in flight)
     saved_uri: str | None = None  # the newest committed one: the "last good checkpoint"
     pending: Upload | None = None  # saved, not committed yet (at most one)
-    # Accumulated over this attempt's checkpoints (the clock's phases get them too):
-    save_seconds: float = 0.0  # writing the staging folder (accelerate's save_state)
-    blocking_seconds: float = 0.0  # the training thread's: save, waits, commit
-    total_seconds: float = 0.0  # from each save's start to its commit
 
     def save(self, state: TrainState, epoch_end: bool = False, force: bool = False) -> None:
         """Collective. Every `train.checkpoint_every_steps` steps and at each epoch's end,
@@ -76,14 +72,11 @@ class Checkpointer:
         saved = {**state.state_dict(), "phases": self.clock.phases.state_dict()}
         self.reporter.checkpointing()
         acc, out = self.accelerator, self.cfg.run.output
-        staging = time.monotonic()
         local = checkpoint.stage(acc, state.step, saved, self.staging)
         upload = Upload(state.step, checkpoint.step_uri(out, state.step), began)
         if acc.is_local_main_process:
             upload.start(local)
-        now = time.monotonic()
-        self.save_seconds += now - staging
-        self._blocked(upload, now - began)
+        self._blocked(upload, time.monotonic() - began)
         self.pending = upload
 
     def poll(self, flag: bool) -> bool:
@@ -125,7 +118,6 @@ class Checkpointer:
         now = time.monotonic()
         self._blocked(p, now - began)
         total = now - p.started
-        self.total_seconds += total
         self.clock.phases.add("checkpoint_total_s", total)
         log.info(
             "checkpoint %s committed %.2f s after its save began (hash and upload %.2f s); "
@@ -140,5 +132,4 @@ class Checkpointer:
         """The training thread spent `seconds` on checkpoint `p`: counted as they pass, so
         that the loop can take them out of the time around a preemption check."""
         p.blocking += seconds
-        self.blocking_seconds += seconds
         self.clock.phases.add("checkpoint_blocking_s", seconds)  # summary.json's phases

@@ -84,11 +84,11 @@ def agreed(parts: Parts) -> bool:
     also commits a checkpoint every node has uploaded (Checkpointer.poll). Its time is the
     step's (on a GPU it waits for the step's kernels) but for that commit's, which is the
     checkpoint's."""
-    checkpointer, phases = parts.checkpointer, parts.clock.phases
-    began, committing = time.perf_counter(), checkpointer.blocking_seconds
-    stop = checkpointer.poll(parts.preemption.requested)
-    committed = checkpointer.blocking_seconds - committing
-    phases.add("train_s", time.perf_counter() - began - committed)
+    blocked = parts.clock.phases.seconds
+    began, committing = time.perf_counter(), blocked["checkpoint_blocking_s"]
+    stop = parts.checkpointer.poll(parts.preemption.requested)
+    committed = blocked["checkpoint_blocking_s"] - committing
+    parts.clock.phases.add("train_s", time.perf_counter() - began - committed)
     return stop
 
 

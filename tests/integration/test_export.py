@@ -6,14 +6,13 @@ process group has ended (the other ranks exit, not wait for it in a collective).
 import json
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 from support.cli import mlmjob
-from support.hub import FakeHub, hub_env
+from support.hub import FakeHub, hub_env, serve_hub
 from support.training import config, launch
 
 from job.train.evaluate import result_name
@@ -145,16 +144,9 @@ def _rank_of(proc) -> str | None:
 
 @pytest.fixture
 def rank_gone_hub():
-    record = {"requests": [], "created": [], "branches": [], "commits": [], "validated": []}
-    record["lock"] = threading.Lock()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RankGoneHub)
-    server.daemon_threads = True
-    server.hub = record
-    record["url"] = f"http://127.0.0.1:{server.server_port}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield record
-    server.shutdown()
-    server.server_close()
+    with serve_hub(RankGoneHub) as record:
+        record["lock"] = threading.Lock()
+        yield record
 
 
 def test_the_push_runs_after_the_other_ranks_have_exited(

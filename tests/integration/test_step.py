@@ -135,6 +135,7 @@ def test_log_step_reads_the_loss_once(trainer, checks):
 
 def test_prefetcher_builds_the_next_batch_ahead(trainer):
     stats = trainer.batches.stats
+    iteration(trainer)  # a fresh trainer's first step builds its batch and the next one
     built = stats.built
     for _ in range(5):
         iteration(trainer)

@@ -5,7 +5,10 @@ regular (non-LFS) blob, and recording what huggingface_hub sends."""
 
 import base64
 import json
-from http.server import BaseHTTPRequestHandler
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -67,6 +70,22 @@ class FakeHub(BaseHTTPRequestHandler):
                 },
             )
         self._reply(404, {"error": f"not faked: {path}"})
+
+
+@contextmanager
+def serve_hub(handler: type[FakeHub] = FakeHub) -> Iterator[dict]:
+    """A stand-in Hub on loopback; yields its record (requests seen, repos, commits, url)."""
+    record = {"requests": [], "created": [], "branches": [], "commits": [], "validated": []}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.hub = record
+    record["url"] = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield record
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def hub_env(hub) -> dict:
