@@ -1,4 +1,4 @@
-"""run.device from the outside: `cuda` on this GPU-less machine exits 2 in one line from
+"""run.device from the outside: `cuda` where no GPU is visible exits 2 in one line from
 `mlmjob` (train, evaluate, infer) and from the pod launcher before any worker starts;
 the GPU manifests set it; and the collective timeout and DDP's buffer setting as two
 real gloo processes see them (DDP and DeepSpeed).
@@ -14,13 +14,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from support.cli import mlmjob
 from support.data import ROOT
 from support.kubelet import Cluster, render
 from support.training import config, launch
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+# The refusals run in processes that see no GPU on any machine (on a GPU machine too):
+# CUDA_VISIBLE_DEVICES="" is how a pod without a usable device looks to CUDA.
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 REFUSAL = "mlmjob: error: run.device: cuda, but no CUDA device is usable for {n} process(es)"
 
@@ -36,7 +37,7 @@ def assert_one_line_refusal(proc, nproc: int = 1) -> None:
 
 def test_train_refuses_cuda_without_a_gpu(synthetic, data_dir, tmp_path):
     cfg = config(synthetic, tmp_path, data_dir)
-    proc = mlmjob("train", "-c", cfg, "--set", "run.device=cuda")
+    proc = mlmjob("train", "-c", cfg, "--set", "run.device=cuda", env=NO_GPU)
     assert_one_line_refusal(proc)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -44,21 +45,21 @@ def test_train_refuses_cuda_without_a_gpu(synthetic, data_dir, tmp_path):
 def test_evaluate_and_infer_refuse_cuda_without_a_gpu(synthetic, data_dir, tmp_path):
     cfg = config(synthetic, tmp_path, data_dir)
     sets = ["--set", "run.device=cuda", "--set", f"infer.model={tmp_path}/no-model"]
-    assert_one_line_refusal(mlmjob("evaluate", "-c", cfg, *sets))
+    assert_one_line_refusal(mlmjob("evaluate", "-c", cfg, *sets, env=NO_GPU))
     infer = [
         "--set",
         f"infer.inputs=[{ROOT}/job/sample/fill-mask.txt]",
         "--set",
         f"infer.output={tmp_path}/infer",
     ]
-    assert_one_line_refusal(mlmjob("infer", "-c", cfg, *sets, *infer))
+    assert_one_line_refusal(mlmjob("infer", "-c", cfg, *sets, *infer, env=NO_GPU))
 
 
 @pytest.mark.parametrize("command", ["train", "infer", "evaluate"])
 def test_the_launcher_refuses_cuda_before_any_worker_starts(command, synthetic, tmp_path):
     cfg = config(synthetic, tmp_path, tmp_path / "no-data")
     args = [sys.executable, "-m", "job.launch", command, "-c", str(cfg)]
-    env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "4"}
+    env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "4", **NO_GPU}
     proc = subprocess.run(
         [*args, "--set", "run.device=cuda"], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -68,7 +69,7 @@ def test_the_launcher_refuses_cuda_before_any_worker_starts(command, synthetic, 
 
 def test_the_launcher_counts_one_process_by_default(synthetic, tmp_path):
     cfg = config(synthetic, tmp_path, tmp_path / "no-data")
-    proc = launch(cfg, "run.device=cuda", nproc="")  # MLMJOB_NPROC_PER_NODE empty
+    proc = launch(cfg, "run.device=cuda", nproc="", env=NO_GPU)  # MLMJOB_NPROC_PER_NODE empty
     assert_one_line_refusal(proc, nproc=1)
 
 
