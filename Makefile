@@ -6,6 +6,12 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 UV := 0.13.9
 IMAGE ?= mlmjob:latest
+# The GPU nodes are amd64: an image built natively on an arm64 laptop fails there with
+# "exec format error". buildx emulates the other architecture where it has to (slower).
+PLATFORM ?= linux/amd64
+# --load: the image lands in the local image store (for `docker push`) whichever buildx
+# builder is in use. Build args go here too: IMAGE_FLAGS='--load --build-arg RDMA=efa'.
+IMAGE_FLAGS ?= --load
 
 .PHONY: setup demo test lint format bench bench-gpu image k8s-check clean
 
@@ -47,7 +53,7 @@ bench-gpu: setup
 	$(PY) bench/gpu.py
 
 image:
-	docker build -f docker/Dockerfile -t $(IMAGE) .
+	docker buildx build --platform $(PLATFORM) $(IMAGE_FLAGS) -f docker/Dockerfile -t $(IMAGE) .
 
 k8s-check: setup
 	$(PY) -m pytest -q tests/integration/test_k8s.py

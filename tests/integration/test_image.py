@@ -4,6 +4,7 @@ hadolint and read as text for what it installs and what the manifests rely on.""
 import fnmatch
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 import shutil
@@ -11,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
 from support.data import ROOT
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -267,3 +270,179 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_else():
         "job/train/__pycache__/loop.cpython-311.pyc",
     ):
         assert ignored(path), f"{path} would be sent to the daemon"
+
+
+def make_image(*assignments: str) -> list[str]:
+    """The command `make image` runs, as argv, printed by `make -n` (no Docker needed)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("PLATFORM", "IMAGE", "IMAGE_FLAGS")}
+    environ.pop("MAKEFLAGS", None)  # under `make test`: the outer make's flags stay out
+    proc = subprocess.run(
+        [tool("make"), "--no-print-directory", "-s", "-n", "image", *assignments],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert argv.count(name) == 1, argv
+    return argv[argv.index(name) + 1]
+
+
+def test_make_image_builds_for_amd64_unless_told_otherwise():
+    """The GPU nodes are amd64: built natively on an arm64 laptop, the image fails there with
+    "exec format error". buildx (BuildKit) with --platform, overridable; --load puts the
+    result in the local store for `docker push` whatever the builder."""
+    argv = make_image()
+    assert argv[:3] == ["docker", "buildx", "build"], argv
+    assert flag(argv, "--platform") == "linux/amd64"
+    assert flag(argv, "-f") == "docker/Dockerfile" and flag(argv, "-t") == "mlmjob:latest"
+    assert "--load" in argv and argv[-1] == ".", argv
+    argv = make_image("PLATFORM=linux/arm64", "IMAGE=registry.example.com/mlmjob:0.1.0")
+    assert flag(argv, "--platform") == "linux/arm64"
+    assert flag(argv, "-t") == "registry.example.com/mlmjob:0.1.0"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The project installed as the app stage installs it (`uv pip install --no-deps --target
+    /opt/mlmjob .`) from what the build context holds of it: /opt/mlmjob's tree. Offline:
+    the venv's setuptools builds it instead of an isolated one (same backend, same rules)."""
+    tmp = tmp_path_factory.mktemp("image")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "constraints.txt", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    # .dockerignore keeps __pycache__ and *.pyc out of the context
+    shutil.copytree(
+        ROOT / "job", src / "job", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    target = tmp / "opt" / "mlmjob"
+    proc = subprocess.run(
+        [
+            tool("uv"),
+            "pip",
+            "install",
+            "--python",
+            sys.executable,
+            "--no-build-isolation",
+            "--no-deps",
+            "--offline",
+            "--no-cache",
+            "--quiet",
+            "--target",
+            str(target),
+            ".",
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return target
+
+
+def test_package_installs_every_sample_file(installed):
+    """The demo's data, inputs and tokenizer are package data: the image has no other copy
+    (a package-data glob does not recurse, which left out job/sample/tokenizer/)."""
+    sample = ROOT / "job" / "sample"
+    source = {
+        p.relative_to(sample).as_posix()
+        for p in sample.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
+    got = {
+        p.relative_to(installed / "job" / "sample").as_posix()
+        for p in (installed / "job" / "sample").rglob("*")
+        if p.is_file()
+    }
+    assert {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"} <= source
+    assert got == source
+
+
+def test_demo_config_runs_from_a_folder_linked_to_the_installed_package(installed):
+    """The README's smoke test runs configs/demo.yaml in the image from /tmp/demo with
+    `job` linked to /opt/mlmjob/job: every path it reads is under job/ and installed, and
+    every output is relative, so it lands in /tmp (the root filesystem is read-only)."""
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    reads = [s["uri"] for s in demo["data"]["sources"]]
+    reads += [demo["model"]["name_or_path"], *demo["infer"]["inputs"]]
+    assert reads == [
+        "job/sample/eli5-sample.jsonl",
+        "job/sample/tokenizer",
+        "job/sample/fill-mask.txt",
+    ]
+    for path in reads:
+        assert (installed / path).exists(), f"{path} is not in /opt/mlmjob"
+    assert (installed / "job/sample/tokenizer/tokenizer.json").is_file()
+    for section in ("run", "data", "infer"):
+        out = Path(demo[section]["output"])
+        assert not out.is_absolute() and ".." not in out.parts, f"{section}.output={out}"
+
+
+def test_every_package_download_is_in_a_cache_mount():
+    """uv's and apt's downloads stay in BuildKit cache mounts: rebuilds fetch only what
+    changed, and no layer (the venv included) holds a cache."""
+    text = DOCKERFILE.read_text()
+    deps = env(stages(text)["deps"])
+    assert "UV_NO_CACHE" not in deps  # it would leave the mount unused
+    mount = f"--mount=type=cache,target={deps['UV_CACHE_DIR']}"
+    runs = [rest for word, rest in instructions(text) if word == "RUN"]
+    uv = [run for run in runs if re.search(r"\buv (pip|python) install\b", run)]
+    assert len(uv) == 4, uv  # Python, torch, the dependencies, the project
+    for run in uv:
+        assert run.startswith(mount + " "), run
+    apt = [run for run in runs if "apt-get update" in run]
+    assert len(apt) == 3, apt  # os, rdma-ib, rdma-efa
+    for run in apt:
+        assert run.startswith("--mount=type=cache,target=/var/lib/apt/lists,sharing=locked "), run
+        assert "rm -rf /var/lib/apt/lists" not in run, run  # it would empty the cache
+
+
+def test_uv_is_ci_uv_and_python_its_newest_patch_of_ci_minor():
+    """UV_IMAGE is the Makefile's uv (the venv's, so CI resolves with it), and PYTHON_VERSION
+    the newest patch of CI's minor in that uv's embedded list of Python downloads, for both
+    Linux architectures (no network: the list ships in the binary)."""
+    args = build_args(DOCKERFILE.read_text())
+    uv_ci = re.search(r"^UV := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert args["UV_IMAGE"] == f"ghcr.io/astral-sh/uv:{uv_ci}"
+    version = subprocess.run([tool("uv"), "--version"], capture_output=True, text=True)
+    assert version.stdout.split()[:2] == ["uv", uv_ci], version.stdout
+    proc = subprocess.run(
+        [
+            tool("uv"),
+            "python",
+            "list",
+            "--all-versions",
+            "--only-downloads",
+            "--all-platforms",
+            "--all-arches",
+            "--offline",
+            "--output-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    patches: dict[str, set[int]] = {"x86_64": set(), "aarch64": set()}
+    for d in json.loads(proc.stdout):
+        v = d["version_parts"]
+        if (
+            (d["implementation"], d["os"], d["libc"], d["variant"])
+            == ("cpython", "linux", "gnu", "default")
+            and d["arch"] in patches
+            and (v["major"], v["minor"]) == sys.version_info[:2]
+            and d["version"] == f"{v['major']}.{v['minor']}.{v['patch']}"  # no pre-release
+        ):
+            patches[d["arch"]].add(v["patch"])
+    newest = max(patches["x86_64"] & patches["aarch64"])
+    assert args["PYTHON_VERSION"] == f"{sys.version_info[0]}.{sys.version_info[1]}.{newest}", (
+        f"uv {uv_ci} installs Python {sys.version_info[0]}.{sys.version_info[1]}.{newest} "
+        "on both architectures: bump PYTHON_VERSION"
+    )
