@@ -13,7 +13,7 @@ PLATFORM ?= linux/amd64
 # builder is in use. Build args go here too: IMAGE_FLAGS='--load --build-arg RDMA=efa'.
 IMAGE_FLAGS ?= --load
 
-.PHONY: setup demo test lint format bench bench-gpu image k8s-check clean
+.PHONY: setup demo test lint format bench bench-gpu image k8s-check workflows clean
 
 setup: $(VENV)/.installed
 
@@ -56,7 +56,12 @@ image:
 	docker buildx build --platform $(PLATFORM) $(IMAGE_FLAGS) -f docker/Dockerfile -t $(IMAGE) .
 
 k8s-check: setup
-	$(PY) -m pytest -q tests/integration/test_k8s.py
+	$(PY) -m pytest -q tests/integration/test_k8s.py tests/integration/test_k8s_run.py
+
+# The overlays' Argo WorkflowTemplates, made again from the overlays (tests check they are).
+workflows: setup
+	$(PY) k8s/workflow.py k8s/overlays/askscience-5k k8s/overlays/full-eli5 \
+	  k8s/overlays/full-eli5-gke k8s/overlays/full-eli5-eks-efa
 
 clean:
 	rm -rf out .pytest_cache

