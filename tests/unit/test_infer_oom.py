@@ -167,5 +167,28 @@ def test_a_line_out_of_memory_alone_gets_an_error_and_the_part_completes(
         "line": 5,
         "error": f"out of memory on cpu even alone ({n_tokens} tokens, {n_masks} masks)",
     }
-    assert json.dumps(got[:4] + got[5:]) == json.dumps(want[:4] + want[5:])  # the same answers
+    # The same answers: tokens exactly; scores to 1e-5, since a batch of 2 and one of 4 pad
+    # differently and fp32 CPU kernels then sum in another order (the last digits move).
+    assert _tokens(got[:4] + got[5:]) == _tokens(want[:4] + want[5:])
+    assert _scores(got[:4] + got[5:]) == pytest.approx(_scores(want[:4] + want[5:]), rel=1e-5)
     assert [r["line"] for r in got] == list(range(1, 7))
+
+
+def _tokens(rows: list[dict]) -> str:
+    return json.dumps([_strip(r) for r in rows])
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k != "score"}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _scores(obj) -> list[float]:
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in ([v] if k == "score" else _scores(v))]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _scores(v)]
+    return []
