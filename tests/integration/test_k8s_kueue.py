@@ -10,11 +10,16 @@ time: a run needs the quota of its largest stage, not the sum (k8s/admin/kueue.y
 from __future__ import annotations
 
 import copy
-import re
 from fractions import Fraction
 
 import pytest
 import yaml
+from support.controllers import (
+    CONDITION_MESSAGE,
+    EXIT_MESSAGE,
+    jobset_action,
+    pod_failure_action,
+)
 from support.kueue import (
     admit,
     assign,
@@ -391,13 +396,7 @@ def test_the_pod_security_checker_rejects_a_mutated_pod(mutation):
 
 # ---- failure policies ---------------------------------------------------------------------
 
-# The Job controller's messages for a podFailurePolicy FailJob (pkg/controller/job,
-# pod_failure_policy.go): the JobSet's onJobFailureMessagePatterns must match them.
-EXIT_MESSAGE = (
-    "Container mlmjob for pod {pod} failed with exit code {code} matching FailJob rule at index {i}"
-)
-CONDITION_MESSAGE = "Pod {pod} has condition DisruptionTarget matching FailJob rule at index {i}"
-POD = "mlmjob-full-eli5/mlmjob-train-full-eli5-train-0-1-x7k2p"
+NS, POD = "mlmjob-full-eli5", "mlmjob-train-full-eli5-train-0-1-x7k2p"
 
 
 def job_failure(job_spec: dict, failure: int | str) -> tuple[str, str] | None:
@@ -405,30 +404,19 @@ def job_failure(job_spec: dict, failure: int | str) -> tuple[str, str] | None:
     the first podFailurePolicy rule that matches decides (FailJob: the Job fails with reason
     PodFailurePolicy; Ignore: the pod is replaced, None); with none, the pod counts against
     the backoff limit, which the manifests set so that it is used up."""
-    for i, rule in enumerate(job_spec["podFailurePolicy"]["rules"]):
-        codes = rule.get("onExitCodes", {})
-        conditions = [c["type"] for c in rule.get("onPodConditions", [])]
-        if failure in codes.get("values", []) and codes["operator"] == "In":
-            message = EXIT_MESSAGE.format(pod=POD, code=failure, i=i)
-        elif failure in conditions:
-            message = CONDITION_MESSAGE.format(pod=POD, i=i)
+    action, i = pod_failure_action(job_spec, failure)
+    if action == "Ignore":
+        return None
+    if action == "FailJob":
+        if isinstance(failure, int):
+            message = EXIT_MESSAGE.format(c="mlmjob", ns=NS, pod=POD, code=failure, i=i)
         else:
-            continue
-        return ("PodFailurePolicy", message) if rule["action"] == "FailJob" else None
+            message = CONDITION_MESSAGE.format(ns=NS, pod=POD, i=i)
+        return "PodFailurePolicy", message
     if "backoffLimitPerIndex" in job_spec:
         return "FailedIndexes", "Job has failed indexes"
     assert job_spec["backoffLimit"] == 0
     return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
-
-
-def matching_rule(js: dict, reason: str, message: str) -> str | None:
-    for rule in js["spec"]["failurePolicy"]["rules"]:
-        if reason not in rule.get("onJobFailureReasons", [reason]):
-            continue
-        patterns = rule.get("onJobFailureMessagePatterns")
-        if patterns is None or any(re.search(p, message) for p in patterns):
-            return rule["action"]
-    return None
 
 
 RESTART, PREEMPTED, FAIL = "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts", "FailJobSet"
@@ -448,6 +436,6 @@ def test_each_failure_kind_gets_its_action(name):
         got = {}
         for failure in ACTIONS[stage]:
             ended = job_failure(spec, failure)
-            got[failure] = ended and matching_rule(js, *ended)
+            got[failure] = ended and jobset_action(js, *ended)
         assert got == ACTIONS[stage], stage
         assert js["spec"]["failurePolicy"]["maxRestarts"] >= 1, stage

@@ -30,7 +30,12 @@ from pathlib import Path
 from support.kubelet import Cluster, Pod, Running, start
 from support.s3 import free_port
 
+# The Job controller's messages for a podFailurePolicy FailJob (pkg/controller/job,
+# pod_failure_policy.go): the JobSets' onJobFailureMessagePatterns must match them.
 EXIT_MESSAGE = "Container {c} for pod {ns}/{pod} failed with exit code {code} matching FailJob rule at index {i}"
+CONDITION_MESSAGE = (
+    "Pod {ns}/{pod} has condition DisruptionTarget matching FailJob rule at index {i}"
+)
 Fault = Callable[[Running], None]
 
 
@@ -153,15 +158,19 @@ class JobRun:
         return None
 
 
-def pod_failure_action(spec: dict, code: int) -> tuple[str | None, int]:
-    """The first podFailurePolicy rule that matches a container's exit code (our pods
-    never carry a DisruptionTarget condition: a node drain is not emulated)."""
+def pod_failure_action(spec: dict, failure: int | str) -> tuple[str | None, int]:
+    """The first podFailurePolicy rule that matches a failed pod: its container's exit code
+    (an int) or a condition it carries (`"DisruptionTarget"`; the pods run here never do:
+    a node drain is not emulated). (None, -1): no rule, the failure is counted."""
     for i, rule in enumerate(spec.get("podFailurePolicy", {}).get("rules", [])):
         on = rule.get("onExitCodes")
-        if not on:
-            continue
-        hit = code in on["values"]
-        if hit == (on["operator"] == "In"):
+        if (
+            on
+            and isinstance(failure, int)
+            and (failure in on["values"]) == (on["operator"] == "In")
+        ):
+            return rule["action"], i
+        if failure in [c["type"] for c in rule.get("onPodConditions", [])]:
             return rule["action"], i
     return None, -1
 
