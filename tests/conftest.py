@@ -11,9 +11,9 @@ the *data layer*: marked `data` (or using the `real_data` fixture), they read th
 `$MLMJOB_TEST_DATA` (default `<project>/../shared/data`) and are skipped, with one line
 saying what is missing, when it is absent; with MLMJOB_REQUIRE_DATA=1 (CI) that is an error.
 
-Expensive things are made once per session (per xdist worker) and only read by the tests:
-the synthetic inputs, the S3 server, the MLflow server, the tiny dataset and its reference
-training run.
+Expensive things are made once per session and only read by the tests: the synthetic
+inputs, the tiny dataset and its reference training run once for every xdist worker
+(support/once.py), the S3 server and the MLflow server once per worker.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import pytest
 from support.cli import preprocessed
 from support.data import REAL, REQUIRE_DATA, Inputs, data_missing, need_data
 from support.hub import serve_hub
+from support.once import shared_dir
 from support.s3 import S3Proxy, Weed, free_port, serve
 from support.training import TINY, config, launch
 
@@ -45,6 +46,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.data)
         if UNIT in Path(item.path).parents:
             item.add_marker(pytest.mark.unit)
+    # The end-to-end tests first: the workers then start the long ones (tens of seconds, some
+    # of it waiting on a server or an outage) together and end on the short ones, instead
+    # of one worker finishing a long test alone at the end (xdist keeps this order).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     reason = data_missing()
     if reason and REQUIRE_DATA and any(item.get_closest_marker("data") for item in items):
         raise pytest.UsageError(f"MLMJOB_REQUIRE_DATA is set but {reason}")
@@ -74,15 +79,13 @@ def synthetic(tmp_path_factory) -> Inputs:
 
     from job.sample.build_tokenizer import build_tokenizer
 
-    root = tmp_path_factory.mktemp("synthetic")
-    records = gen.eli5_records(400, seed=0)
-    eli5 = gen.write_eli5(root / "eli5" / "eli5-synthetic.json.gz", records)
-    build_tokenizer(gen.texts(records), root / "tokenizer", vocab_size=2000)
-    return Inputs(eli5=eli5, tokenizer=root / "tokenizer")
+    def make(root: Path) -> None:
+        records = gen.eli5_records(400, seed=0)
+        gen.write_eli5(root / "eli5" / "eli5-synthetic.json.gz", records)
+        build_tokenizer(gen.texts(records), root / "tokenizer", vocab_size=2000)
 
-
-os.environ["MLMJOB_NO_PROGRESS"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    root = shared_dir(tmp_path_factory, "synthetic", make)
+    return Inputs(eli5=root / "eli5" / "eli5-synthetic.json.gz", tokenizer=root / "tokenizer")
 
 
 @pytest.fixture(scope="session")
@@ -130,10 +133,12 @@ def data_dir(tmp_path_factory, synthetic):
 def reference(tmp_path_factory, synthetic, data_dir):
     """An uninterrupted 1-process run of the tiny config, trained once for the session (read
     only): what every resumed run must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    proc = launch(config(synthetic, tmp, data_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+
+    def make(tmp: Path) -> None:
+        proc = launch(config(synthetic, tmp, data_dir))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return shared_dir(tmp_path_factory, "reference", make) / "run"
 
 
 # ---- trackers and the Hub ----------------------------------------------------------------

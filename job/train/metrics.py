@@ -48,14 +48,13 @@ class Metrics:
     def plot(self) -> bytes:
         """loss.png: training loss, eval loss and eval perplexity against the step. Returns
         the PNG's bytes (the trackers get the same file without reading it back)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # a Figure of its own, no pyplot: nothing global, and 0.3 s less to import
+        from matplotlib.figure import Figure
 
         train = [e for e in self.events if e["event"] == "train"]
         evals = [e for e in self.events if e["event"] == "eval"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig = Figure(figsize=(11, 4))
+        ax1, ax2 = fig.subplots(1, 2)
         ax1.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
         ax1.plot(
             [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss"
@@ -73,7 +72,6 @@ class Metrics:
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
         png = buf.getvalue()
         storage.write_bytes(storage.join(self.run_output, "loss.png"), png)
         return png

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from support.cli import mlmjob, write_config
 from support.data import ROOT
+from support.once import shared_dir
 
 from job import storage
 
@@ -50,21 +51,24 @@ class Tiny:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, synthetic) -> Tiny:
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "in.txt").write_text("The sky is <mask>.\n")
-    text = CONFIG.format(
-        run=root / "run",
-        eli5=synthetic.eli5,
-        data=root / "data",
-        cache=root / "cache",
-        tok=synthetic.tokenizer,
-        inputs=root / "in.txt",
-        out=root / "infer",
-    )
-    cfg = write_config(root / "c.yaml", text)
-    mlmjob("preprocess", "-c", cfg, check=True)
-    mlmjob("train", "-c", cfg, check=True)
-    return Tiny(config=cfg, data=root / "data", model=root / "run" / "model")
+
+    def make(root: Path) -> None:
+        (root / "in.txt").write_text("The sky is <mask>.\n")
+        text = CONFIG.format(
+            run=root / "run",
+            eli5=synthetic.eli5,
+            data=root / "data",
+            cache=root / "cache",
+            tok=synthetic.tokenizer,
+            inputs=root / "in.txt",
+            out=root / "infer",
+        )
+        cfg = write_config(root / "c.yaml", text)
+        mlmjob("preprocess", "-c", cfg, check=True)
+        mlmjob("train", "-c", cfg, check=True)
+
+    root = shared_dir(tmp_path_factory, "bad-input-tiny", make)
+    return Tiny(config=root / "c.yaml", data=root / "data", model=root / "run" / "model")
 
 
 def run(command: str, tiny: Tiny, tmp_path: Path, *sets: str, config: Path | None = None):

@@ -22,6 +22,7 @@ import pytest
 import torch
 from support.cli import mlmjob, write_config
 from support.data import ROOT
+from support.once import shared_dir
 
 from job.train import safe_load
 
@@ -159,27 +160,30 @@ def launch(cfg: Path, *sets: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    mlmjob("preprocess", "-c", config(out, out, out / "unused"), check=True)
-    return out
+    def make(out: Path) -> None:
+        mlmjob("preprocess", "-c", config(out, out, out / "unused"), check=True)
+
+    return shared_dir(tmp_path_factory, "safety-data", make)
 
 
-def trained(tmp_path_factory, data_dir, *sets) -> Path:
+def trained(tmp_path_factory, data_dir, name: str, *sets) -> Path:
     """A finished 2-step run with its step-2 checkpoint, never to be modified."""
-    tmp = tmp_path_factory.mktemp("trained")
-    proc = launch(config(tmp, data_dir, tmp / "run"), *sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+
+    def make(tmp: Path) -> None:
+        proc = launch(config(tmp, data_dir, tmp / "run"), *sets)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return shared_dir(tmp_path_factory, name, make) / "run"
 
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, data_dir):
-    return trained(tmp_path_factory, data_dir, ZERO2)
+    return trained(tmp_path_factory, data_dir, "safety-zero2", ZERO2)
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, data_dir):
-    return trained(tmp_path_factory, data_dir)
+    return trained(tmp_path_factory, data_dir, "safety-ddp")
 
 
 def resumable(run: Path, tmp_path: Path, data_dir: Path) -> tuple[Path, Path]:

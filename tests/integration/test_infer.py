@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support.cli import mlmjob, write_config
 from support.data import ROOT, Inputs
+from support.once import shared_dir
 
 from job import storage
 
@@ -49,21 +50,23 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, synthetic):
-    tmp = tmp_path_factory.mktemp("model")
-    cfg = write_config(
-        tmp / "c.yaml",
-        CONFIG.format(
-            run=tmp / "run",
-            eli5=synthetic.eli5,
-            data=tmp / "data",
-            tok=synthetic.tokenizer,
-            inputs="[]",
-            out=tmp / "o",
-        ),
-    )
-    mlmjob("preprocess", "-c", cfg, check=True)
-    mlmjob("train", "-c", cfg, check=True)
-    return tmp / "run" / "model"
+
+    def make(tmp: Path) -> None:
+        cfg = write_config(
+            tmp / "c.yaml",
+            CONFIG.format(
+                run=tmp / "run",
+                eli5=synthetic.eli5,
+                data=tmp / "data",
+                tok=synthetic.tokenizer,
+                inputs="[]",
+                out=tmp / "o",
+            ),
+        )
+        mlmjob("preprocess", "-c", cfg, check=True)
+        mlmjob("train", "-c", cfg, check=True)
+
+    return shared_dir(tmp_path_factory, "infer-model", make) / "run" / "model"
 
 
 def config(src: Inputs, tmp_path, model_dir, inputs, out=None, name="infer.yaml"):

@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from support.cli import mlmjob, wait_for
 from support.data import ROOT
+from support.once import shared_dir
 from support.s3 import free_port
 from support.training import assert_same_as, kill_all
 
@@ -50,9 +52,11 @@ def pod_env(index: int, cache, port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    mlmjob("preprocess", *DEMO, "--set", f"data.output={out}/data", check=True)
-    return out / "data"
+
+    def make(out: Path) -> None:
+        mlmjob("preprocess", *DEMO, "--set", f"data.output={out}/data", check=True)
+
+    return shared_dir(tmp_path_factory, "launch-demo-data", make) / "data"
 
 
 def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data):

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from support.cli import mlmjob, wait_for, write_config
 from support.data import ROOT
+from support.once import shared_dir
 
 from job import storage
 from job.train import checkpoint
@@ -68,9 +69,11 @@ def config(
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, synthetic):
-    tmp = tmp_path_factory.mktemp("data")
-    mlmjob("preprocess", "-c", config(tmp, synthetic, tmp / "data", "unused"), check=True)
-    return tmp / "data"
+
+    def make(tmp: Path) -> None:
+        mlmjob("preprocess", "-c", config(tmp, synthetic, tmp / "data", "unused"), check=True)
+
+    return shared_dir(tmp_path_factory, "one-writer-data", make) / "data"
 
 
 def start(*args, launcher=False):
@@ -189,9 +192,11 @@ def lease_taken(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, synthetic, data):
-    tmp = tmp_path_factory.mktemp("model")
-    mlmjob("train", "-c", config(tmp, synthetic, data, tmp / "run", steps=4), check=True)
-    return tmp / "run"
+
+    def make(tmp: Path) -> None:
+        mlmjob("train", "-c", config(tmp, synthetic, data, tmp / "run", steps=4), check=True)
+
+    return shared_dir(tmp_path_factory, "one-writer-model", make) / "run"
 
 
 def write_lines(path: Path, n: int, word: str) -> Path:

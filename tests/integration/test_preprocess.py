@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from support.cli import mlmjob, write_config
 from support.data import DEMO_TOKENIZER, ROOT, Inputs
+from support.once import shared_dir
 
 from job import storage
 from job.config import load_config
@@ -57,10 +58,11 @@ def read_blocks(root: Path, split: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, synthetic):
     """One single-worker run on a local folder that other tests compare against."""
-    tmp = tmp_path_factory.mktemp("ref")
-    out = tmp / "data"
-    run_ok("preprocess", "-c", eli5_config(synthetic, tmp, out))
-    return dataset_dir(out)
+
+    def make(tmp: Path) -> None:
+        run_ok("preprocess", "-c", eli5_config(synthetic, tmp, tmp / "data"))
+
+    return dataset_dir(shared_dir(tmp_path_factory, "preprocess-reference", make) / "data")
 
 
 def tutorial_ids_per_split(src: Inputs, seed=42):

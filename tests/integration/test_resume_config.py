@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.cli import mlmjob, write_config
+from support.once import shared_dir
 from support.training import TINY
 
 # The smallest training run of tests/test_train.py, 4 steps, a checkpoint every 2; the
@@ -34,13 +35,15 @@ SHORT = (
 def trained(tmp_path_factory, synthetic) -> Path:
     """One 4-step run with a checkpoint at step 4 and no summary.json: as a run lost after
     its last checkpoint looks. Every CLI case continues a copy of it."""
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = config(synthetic, tmp, tmp / "data", tmp / "run")
-    mlmjob("preprocess", "-c", cfg, check=True)
-    mlmjob("train", "-c", cfg, *sets(SHORT), check=True)
-    (tmp / "run" / "summary.json").unlink()
-    shutil.rmtree(tmp / "run" / "model")
-    return tmp
+
+    def make(tmp: Path) -> None:
+        cfg = config(synthetic, tmp, tmp / "data", tmp / "run")
+        mlmjob("preprocess", "-c", cfg, check=True)
+        mlmjob("train", "-c", cfg, *sets(SHORT), check=True)
+        (tmp / "run" / "summary.json").unlink()
+        shutil.rmtree(tmp / "run" / "model")
+
+    return shared_dir(tmp_path_factory, "resume-config-trained", make)
 
 
 def config(src, tmp: Path, data: Path, run: Path) -> Path:

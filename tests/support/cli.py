@@ -99,13 +99,17 @@ def wait_for(predicate, timeout: float = 300, poll: float = 0.05) -> None:
     raise AssertionError("timed out")
 
 
-def preprocessed(tmp_path_factory, synthetic, template: str) -> Path:
+def preprocessed(tmp_path_factory, synthetic, template: str, name: str = "data") -> Path:
     """A data folder holding the dataset that `template` (a config with {run}, {eli5},
-    {data} and {tok} fields) preprocesses from the synthetic records: for module fixtures."""
-    out = tmp_path_factory.mktemp("data")
-    text = template.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer)
-    mlmjob("preprocess", "-c", write_config(out / "c.yaml", text), check=True)
-    return out
+    {data} and {tok} fields) preprocesses from the synthetic records, made once for the
+    session's workers (support/once.py) under `name`: for session and module fixtures."""
+    from support.once import shared_dir
+
+    def make(out: Path) -> None:
+        text = template.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer)
+        mlmjob("preprocess", "-c", write_config(out / "c.yaml", text), check=True)
+
+    return shared_dir(tmp_path_factory, name, make)
 
 
 def write_config(path: Path, text: str) -> Path:
