@@ -47,18 +47,21 @@ def _environment(device: str, deepspeed: bool) -> None:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             _alone()
-    else:
-        _without_deepspeed()
+    _deepspeed_visible(deepspeed)
 
 
-def _without_deepspeed() -> None:
+def _deepspeed_visible(visible: bool) -> None:
     """accelerate's unwrap (transformers' save_pretrained calls it too) imports DeepSpeed
-    whenever it is installed, only to test for its engine, which no module here can be
-    without train.deepspeed: about 0.9 s of every run's start-up, mlflow with it. This
-    process tells it DeepSpeed is not there (the flag is all it reads)."""
-    from accelerate.utils import other
+    whenever it is installed, only to test for its engine, which no module can be without
+    train.deepspeed: about 0.9 s of every run's start-up, mlflow with it. Without it, this
+    process tells accelerate that DeepSpeed is not there (the flag is all it reads)."""
+    from accelerate.utils import imports, other
 
-    other.is_deepspeed_available = lambda: False
+    other.is_deepspeed_available = imports.is_deepspeed_available if visible else _no_deepspeed
+
+
+def _no_deepspeed() -> bool:
+    return False
 
 
 def accelerator_kwargs(cfg: Config, device: str, precision: str, tracking_dir=None) -> dict:

@@ -65,7 +65,7 @@ class Checkpointer:
         began = time.monotonic()
         state.load_state_dict(self.window.state_dict())  # every rank's window, added up
         # steps since the last log
-        self.reporter.stop_if_diverged(state.window_loss, "train loss", state.step, self.saved_uri)
+        self.reporter.stop_if_diverged(state.window_loss, "train loss", state.step, self.settled)
         # the wall clock and the phases as of now, beside the TrainState: a run resumed
         # from here adds its own to them
         state.wall_seconds = self.clock.wall_seconds()
@@ -104,6 +104,13 @@ class Checkpointer:
         if failed:
             p.raise_failure()
         self._commit()
+
+    def settled(self) -> str | None:
+        """Collective: the newest committed checkpoint, once the one uploading is committed.
+        A run stopping on a diverged loss keeps the good checkpoint it was uploading (its
+        loss was checked before it was staged) instead of abandoning it half written."""
+        self.wait()
+        return self.saved_uri
 
     def abandon(self) -> None:
         """The run fails: stop uploading (between two files) what will never be committed."""

@@ -68,7 +68,7 @@ def iteration(parts: Parts) -> bool:
     advance(st, gb, parts.data.block, parts.clock.step_seconds())
     parts.reporter.stepped()
     last = finished(parts)
-    parts.reporter.log(st, lr, last, parts.checkpointer.saved_uri)
+    parts.reporter.log(st, lr, last, parts.checkpointer.settled)
     epoch_end = not last and next_epoch(st, parts.schedule, gb)
     parts.clock.phases.add("train_s", parts.clock.step_seconds())  # with its batch, its log
     if parts.validator.should_validate(st.step, epoch_end):

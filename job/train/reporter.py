@@ -8,6 +8,7 @@ NaN or infinite loss stops the run (`stop_if_diverged`) before it is written any
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from job import jsonio, storage
@@ -17,6 +18,8 @@ from job.log import bar
 from job.train.metrics import Metrics
 from job.train.state import LossWindow, TrainState
 from job.train.tracking import Tracking
+
+LastGood = Callable[[], "str | None"]  # Checkpointer.settled
 
 
 def should_log(step: int, every: int, last: bool) -> bool:
@@ -52,7 +55,7 @@ class Reporter:
     def stepped(self) -> None:
         self.progress.update(1)
 
-    def log(self, state: TrainState, lr: float, last: bool, last_good: str | None) -> None:
+    def log(self, state: TrainState, lr: float, last: bool, last_good: LastGood) -> None:
         """At a log step (every rank): the window's loss over every rank (the one host
         sync), the tokens per second since the last log step, the train event."""
         every = self.cfg.train.log_every_steps
@@ -103,10 +106,11 @@ class Reporter:
         self.metrics.flush()
         self.metrics.plot()
 
-    def stop_if_diverged(self, value: float, what: str, step: int, last_good: str | None) -> None:
+    def stop_if_diverged(self, value: float, what: str, step: int, last_good: LastGood) -> None:
         """Exit 2 on a NaN or infinite loss, before it is logged or checkpointed. Callers
         pass a value reduced across ranks, so every rank stops here together (no hang).
-        `last_good`: the newest committed checkpoint."""
+        `last_good()`: the newest committed checkpoint, once the one still uploading is
+        committed (Checkpointer.settled, a collective: every rank calls it here)."""
         if math.isfinite(value):
             return
         first = step - (step - 1) % self.cfg.train.log_every_steps
@@ -118,7 +122,7 @@ class Reporter:
         raise BadInput(
             f"{what} is {value} at step {step}{mean}: training diverged (lower "
             f"train.learning_rate or raise train.warmup_steps); last good checkpoint: "
-            f"{last_good or 'none yet'}"
+            f"{last_good() or 'none yet'}"
         )
 
     def checkpointing(self) -> None:

@@ -84,7 +84,7 @@ class Validator:
 
     def _validate(self, st: TrainState) -> None:
         result = self.evaluate()
-        last_good = self.checkpointer.saved_uri
+        last_good = self.checkpointer.settled
         self.reporter.stop_if_diverged(result["eval_loss"], "eval loss", st.step, last_good)
         st.last_eval = {**result, "step": st.step}
         self.reporter.eval_event(st, result)

@@ -4,6 +4,7 @@ fresh one), polling, configs written from templates."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,10 +12,12 @@ from pathlib import Path
 
 from support.data import ROOT
 
-# Commands that run in the test's own process unless a test asks for a fresh one: they
-# hold no process-wide state past their return (no accelerator, no signal handler), and
-# each fresh process would pay torch's and transformers' imports (seconds) again.
-IN_PROCESS = ("validate", "preprocess", "infer")
+# Commands that run in the test's own process unless a test asks for a fresh one: each
+# fresh process would pay torch's and transformers' imports (seconds) again. What they
+# leave process-wide is put back after each (`_in_process`): the SIGTERM handler, train's
+# Preemption and accelerate's state. DeepSpeed without a launcher makes this process rank
+# 0 of a process group (accel._alone): in a process of its own.
+IN_PROCESS = ("validate", "preprocess", "infer", "train")
 
 
 # Environment read at call time (storage's client is made anew by each command's
@@ -34,7 +37,12 @@ def mlmjob(
     one (the same `job.cli.main`, its output captured)."""
     args = [str(a) for a in args]
     env = env or {}
-    here = not process and args[0] in IN_PROCESS and all(k.startswith(_CALL_TIME_ENV) for k in env)
+    here = (
+        not process
+        and args[0] in IN_PROCESS
+        and all(k.startswith(_CALL_TIME_ENV) for k in env)
+        and not any("deepspeed" in a for a in args)
+    )
     if here:
         proc = _in_process(args, env)
     else:
@@ -65,6 +73,7 @@ def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
     saved_log = (log.handlers[:], log.level, log.propagate)  # cli.main sets them up
     saved_env = {k: os.environ.get(k) for k in env}
     saved_streams, cwd = (sys.stdout, sys.stderr), os.getcwd()
+    saved_sigterm = signal.getsignal(signal.SIGTERM)
     os.environ.update(env)
     os.chdir(ROOT)
     sys.stdout, sys.stderr = out, err  # job.redact.install wraps these, as a pod's
@@ -78,6 +87,9 @@ def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
     finally:
         sys.stdout, sys.stderr = saved_streams
         log.handlers[:], log.level, log.propagate = saved_log
+        signal.signal(signal.SIGTERM, saved_sigterm)
+        if args[0] == "train":
+            _forget_training()
         os.chdir(cwd)
         for k, v in saved_env.items():
             if v is None:
@@ -87,6 +99,18 @@ def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
         with contextlib.suppress(Exception):
             storage.configure()  # back to the session's environment
     return subprocess.CompletedProcess(["mlmjob", *args], code, out.getvalue(), err.getvalue())
+
+
+def _forget_training() -> None:
+    """What an in-process `train` leaves behind, undone: its Preemption (a SIGTERM flag)
+    and accelerate's process-wide state (the next Accelerator starts anew)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from job.train.accel import Preemption
+
+    Preemption._installed = None
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def wait_for(predicate, timeout: float = 300, poll: float = 0.05) -> None:
