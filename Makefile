@@ -35,10 +35,8 @@ demo: setup
 	$(BIN)/mlmjob infer -c configs/demo.yaml
 
 test: setup
-	# three workers on two cores: a third of the suite waits (servers, leases, outages).
-	# loadgroup: each worker takes the next test in order (the end-to-end ones first, see
-	# tests/conftest.py), and the tests of one xdist_group together.
-	$(PY) -m pytest -q -n 3 --dist loadgroup
+	# three workers on two cores: a third of the suite waits (servers, leases, outages)
+	$(PY) -m pytest -q -n 3 --dist worksteal
 
 lint: setup
 	$(BIN)/ruff check .

@@ -15,9 +15,7 @@ from support.s3 import S3Proxy, Weed, serve
 
 from job import storage
 
-# One worker runs both tests (`--dist loadgroup`): the module's server and its reference
-# outputs (three commands) are made once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
+pytestmark = pytest.mark.slow
 
 OUTAGE_S = 20
 
