@@ -114,7 +114,7 @@ if not cfg.train.deepspeed:
     seen["broadcast_buffers"] = acc.prepare_model(torch.nn.Linear(2, 2)).broadcast_buffers
 # one write of the whole line (a pipe takes it whole): print() writes the line and its end
 # apart, and the two workers' lines interleaved
-sys.stdout.write("PROBE " + json.dumps(seen) + "\n")
+sys.stdout.write("PROBE " + json.dumps(seen) + "\\n")
 sys.stdout.flush()
 """
 
