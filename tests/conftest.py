@@ -126,7 +126,7 @@ def s3_proxy(s3):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, synthetic):
     """The tiny training config's dataset, preprocessed once for the session (read only)."""
-    return preprocessed(tmp_path_factory, synthetic, TINY)
+    return preprocessed(tmp_path_factory, synthetic, TINY, "tiny-data")
 
 
 @pytest.fixture(scope="session")

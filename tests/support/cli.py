@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from support.data import ROOT
+from support.once import shared_dir
 
 # Commands that run in the test's own process unless a test asks for a fresh one: each
 # fresh process would pay torch's and transformers' imports (seconds) again. What they
@@ -41,7 +42,7 @@ def mlmjob(
         not process
         and args[0] in IN_PROCESS
         and all(k.startswith(_CALL_TIME_ENV) for k in env)
-        and not any("deepspeed" in a for a in args)
+        and not _names_deepspeed(args)
     )
     if here:
         proc = _in_process(args, env)
@@ -57,6 +58,14 @@ def mlmjob(
     if check and proc.returncode != 0:
         raise AssertionError(f"mlmjob {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def _names_deepspeed(args: list[str]) -> bool:
+    """Whether the command's overrides or its config file mention DeepSpeed (which, without
+    a launcher, makes the process rank 0 of a process group: a process of its own)."""
+    config = args[args.index("-c") + 1] if "-c" in args else None
+    text = Path(config).read_text(errors="replace") if config and Path(config).is_file() else ""
+    return any("deepspeed" in a for a in args) or "deepspeed" in text
 
 
 def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -123,11 +132,10 @@ def wait_for(predicate, timeout: float = 300, poll: float = 0.05) -> None:
     raise AssertionError("timed out")
 
 
-def preprocessed(tmp_path_factory, synthetic, template: str, name: str = "data") -> Path:
+def preprocessed(tmp_path_factory, synthetic, template: str, name: str) -> Path:
     """A data folder holding the dataset that `template` (a config with {run}, {eli5},
     {data} and {tok} fields) preprocesses from the synthetic records, made once for the
     session's workers (support/once.py) under `name`: for session and module fixtures."""
-    from support.once import shared_dir
 
     def make(out: Path) -> None:
         text = template.format(run="unused", eli5=synthetic.eli5, data=out, tok=synthetic.tokenizer)
