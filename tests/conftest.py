@@ -150,7 +150,14 @@ def mlflow_server(tmp_path_factory, s3):
     tmp = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     mlflow = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    env = {
+        **os.environ,
+        **s3.env(),
+        "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+        # No job runner: its 8 processes (huey consumers) poll all session long, for jobs
+        # (prompt optimization, trace roll-ups) that no test asks of the server.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [

@@ -43,11 +43,24 @@ def _environment(device: str, deepspeed: bool) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
         if deepspeed:  # accelerate(cpu=True) skips DeepSpeed: the device is named instead
             os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+            _no_shm_comm()
     if deepspeed:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             _alone()
     _deepspeed_visible(deepspeed)
+
+
+def _no_shm_comm() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce (C++, through ninja)
+    when its comm starts: about a minute of a fresh machine's or pod's first CPU run,
+    which every DeepSpeed process of the run then waits for. Only DeepSpeed inference's
+    all-reduce uses it; training's collectives go through gloo. So it is marked as not
+    buildable (the probe's dict is cached in deepspeed.ops, which reads it at
+    comm/torch.py `build_shm_op`): DeepSpeed then starts without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _deepspeed_visible(visible: bool) -> None:

@@ -3,9 +3,10 @@ static batch layout (job.train.batch.Buckets), through the pod's launch script.
 
 TORCH_LOGS=recompiles,dynamic makes a compiled run log each symbolic size ("create_symbol")
 and each recompilation ("Recompiling function"); TORCH_TRACE writes one "dynamo_start"
-record per frame compiled (what tlparse reads). A 20-step and a 40-step run, with
-evaluations every 10 steps, must compile the same number of frames, with no symbolic size;
-and the compiled run must train as the eager one does (losses, evaluations, weights)."""
+record per frame compiled (what tlparse reads). A 40-step run, with an evaluation and a
+checkpoint every 10 steps, must compile one frame once, with no symbolic size (so 30 more
+steps and three more evaluations compile nothing); and it must train as the eager run
+does (losses, evaluations, weights)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ SETS = (
     "model.config_overrides={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
     "intermediate_size: 128, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}",
     "train.eval_every_steps=10",
-    "train.checkpoint_every_steps=20",
+    "train.checkpoint_every_steps=10",
     "train.log_every_steps=1",
 )
 # One compile thread: no pool of compile workers on the test machine's two shared cores.
@@ -52,22 +53,21 @@ def compiled_frames(trace) -> list[tuple[int, int]]:
 def test_compiled_step_has_static_shapes_compiles_once_and_trains_as_eager(
     synthetic, data_dir, tmp_path
 ):
-    eager, eager_log, eager_frames = train(synthetic, data_dir, tmp_path, "eager", 20, False)
+    eager, _, eager_frames = train(synthetic, data_dir, tmp_path, "eager", 40, False)
     assert eager_frames == []  # nothing is compiled without train.compile
 
-    short, short_log, short_frames = train(synthetic, data_dir, tmp_path, "c20", 20, True)
-    long, long_log, long_frames = train(synthetic, data_dir, tmp_path, "c40", 40, True)
-    assert [e["step"] for e in events(long, "eval")] == [10, 20, 30, 40]
-    for log in (short_log, long_log):
-        assert "produce_guards" in log  # the dynamic-shape log is on, and a frame compiled
-        assert "create_symbol" not in log  # every size is static
-        assert "Recompiling function" not in log
-    # one frame, compiled once: 20 more steps and two more evaluations compile nothing
-    assert short_frames == long_frames == [(0, 0)]
+    compiled, log, frames = train(synthetic, data_dir, tmp_path, "c40", 40, True)
+    assert [e["step"] for e in events(compiled, "eval")] == [10, 20, 30, 40]
+    assert "produce_guards" in log  # the dynamic-shape log is on, and a frame compiled
+    assert "create_symbol" not in log  # every size is static
+    assert "Recompiling function" not in log
+    # one frame, compiled once in the first step: the 39 steps, 4 evaluations and
+    # checkpoints after it compile nothing
+    assert frames == [(0, 0)]
 
     # the compiled step trains as the eager one: every logged loss, evaluation and weight
-    assert_same_as(short, eager, rel=1e-4, atol=1e-5)
+    assert_same_as(compiled, eager, rel=1e-4, atol=1e-5)
     # parameter names as without compile: no `_orig_mod.` in the checkpoint or the model
-    keys = set(load_file(short / "checkpoints" / "step-20" / "model.safetensors"))
-    assert keys == set(load_file(eager / "checkpoints" / "step-20" / "model.safetensors"))
+    keys = set(load_file(compiled / "checkpoints" / "step-40" / "model.safetensors"))
+    assert keys == set(load_file(eager / "checkpoints" / "step-40" / "model.safetensors"))
     assert not any("_orig_mod" in k for k in keys)

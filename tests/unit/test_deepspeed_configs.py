@@ -21,3 +21,24 @@ def test_bf16_gradients_accumulate_and_travel_in_fp32(path):
     assert ds_config.get_communication_data_type(params) == torch.float32
     assert params.get(DATA_TYPES, {}).get(GRAD_ACCUM_DTYPE) == "fp32"
     assert len(CONFIGS) == 3
+
+
+@pytest.mark.unit
+def test_a_cpu_deepspeed_run_does_not_build_the_shared_memory_all_reduce(monkeypatch):
+    """DeepSpeed compiles its CPU shared-memory all-reduce (C++) when its comm starts: a
+    minute of a fresh machine's first run, for an op only DeepSpeed inference uses."""
+    import deepspeed.ops
+    from accelerate.utils import other
+    from deepspeed.comm.torch import build_shm_op
+
+    from job.train import accel
+
+    for name in ("DS_ACCELERATOR", "ACCELERATE_TORCH_DEVICE", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)  # put back as they were afterwards
+    monkeypatch.setenv("RANK", "0")  # as under a launcher: no process group of one here
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(other, "is_deepspeed_available", other.is_deepspeed_available)
+    ops = deepspeed.ops.__compatible_ops__
+    monkeypatch.setitem(ops, "deepspeed_shm_comm", ops["deepspeed_shm_comm"])
+    accel._environment("cpu", deepspeed=True)
+    assert build_shm_op() is None
