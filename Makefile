@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q $(TORCH_CPU) uv==$(UV)
 	# uv resolves and installs the pinned rest in parallel: 15 s here against pip's 160 s
 	# (most of a fresh clone's set-up); pip again should uv be unable to.
-	$(BIN)/uv pip install -q --python $(PY) -c constraints.txt -e '.[dev]' \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(PY) -c constraints.txt -e '.[dev]' \
 		|| $(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

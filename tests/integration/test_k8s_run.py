@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from support import runbook
 from support.controllers import Stage, kill_when
 from support.data import ROOT
-from support.kubelet import Cluster, render
+from support.kubelet import Cluster
 
 README = ROOT / "README.md"
 
@@ -140,7 +139,9 @@ def upload_inputs(storage_uri: str) -> list[str]:
     return lines
 
 
-def assert_pipeline_outputs(storage_uri: str, lines: list[str], world: int = 1) -> None:
+def assert_pipeline_outputs(
+    storage_uri: str, lines: list[str], world: int = 1, steps: int = 6
+) -> None:
     from job import storage
 
     listed = storage.list_files(storage_uri)
@@ -148,7 +149,7 @@ def assert_pipeline_outputs(storage_uri: str, lines: list[str], world: int = 1) 
     assert manifest.startswith(f"{storage_uri}/datasets/")
     run = f"{storage_uri}/runs/kubelet"
     summary = json.loads(storage.read_text(f"{run}/summary.json"))
-    assert summary["global_step"] == 6 and summary["perplexity"] > 1
+    assert summary["global_step"] == steps and summary["perplexity"] > 1
     assert summary["world_size"] == world
     assert storage.exists(f"{run}/model/model.safetensors")
     parts = [
@@ -217,20 +218,52 @@ def test_argo_pipeline_then_a_failed_stage_reruns_alone(tmp_path, s3, s3_prefix)
 
 
 @pytest.mark.slow
-def test_argo_pipeline_full_eli5_with_8_preprocess_pods_and_2_train_pods(tmp_path, s3, s3_prefix):
+def test_argo_pipeline_full_eli5_8_preprocess_pods_2_train_pods_and_pod_0_lost(
+    tmp_path, s3, s3_prefix
+):
     """full-eli5 through Argo, 8 preprocessing pods; training pod 1 starts 10 s before pod 0
-    (the rendezvous host): it waits for it and both finish as one job of 2 processes."""
-    ws, cluster = workspace(tmp_path, s3, s3_prefix, "full-eli5", CPU_SCALE)
+    (the rendezvous host): it waits for it and both train as one job of 2 processes. Then
+    pod 0's node dies after a checkpoint: its Job fails (backoffLimit 0), the JobSet's
+    failurePolicy restarts the group (Recreate: the survivor, stuck in a collective with a
+    peer that is gone, gets SIGTERM, then SIGKILL after the grace period, 10 s here), the
+    new pods resume from that checkpoint and end after exactly max_steps, and the Workflow
+    goes on to inference. (One walk, where two once ran the same pipeline up to training.)"""
+    from job import storage
+
+    # 175 steps left after the step-25 checkpoint (seconds on 2 pods, polled every 50 ms):
+    # the kill comes well before the end
+    steps = 200
+    ws, cluster = workspace(
+        tmp_path, s3, s3_prefix, "full-eli5", CPU_SCALE, steps=steps, checkpoint_every=25
+    )
     book, lines = blocks("full-eli5"), upload_inputs(s3_prefix)
+    run = f"{s3_prefix}/runs/kubelet"
+
+    def lose_node(running) -> None:
+        deadline = time.monotonic() + 600
+        while not storage.exists(f"{run}/checkpoints/step-25/COMMITTED.json"):
+            assert time.monotonic() < deadline and running.proc.poll() is None, running.tail()
+            time.sleep(0.05)
+        running.kill()
+
     cluster.stage.delays[("train", 0)] = 10.0
+    cluster.stage.faults[("train", 0, 0)] = lose_node
     cluster.sh(book["setup"])
     cluster.sh(book["argo"])
     (wf,) = cluster.workflows
     assert wf.phase == "Succeeded", wf.nodes
-    assert pods_started(cluster.stage) == {"preflight": 1, "preprocess": 8, "train": 2, "infer": 1}
-    assert [s[2] for s in cluster.stage.started if s[1] == "train"] == [1, 0]  # pod 1 first
-    assert "training kubelet: 2 processes" in pod_log(cluster.stage, "train", 0)
-    assert_pipeline_outputs(s3_prefix, lines, world=2)
+    assert pods_started(cluster.stage) == {"preflight": 1, "preprocess": 8, "train": 4, "infer": 1}
+    train_starts = [s[2] for s in cluster.stage.started if s[1] == "train"]
+    assert train_starts[:2] == [1, 0]  # pod 1 first
+    assert "training kubelet: 2 processes" in pod_log(cluster.stage, "train", 0, attempt=0)
+    (train,) = [o for o in wf.objects if o["metadata"]["name"].startswith("mlmjob-train")]
+    assert train["status"] == {
+        "terminalState": "Completed",
+        "restarts": 1,
+        "restartsCountTowardsMax": 1,
+    }
+    assert "resuming from" in pod_log(cluster.stage, "train", 0)
+    assert_pipeline_outputs(s3_prefix, lines, world=2, steps=steps)
 
 
 @pytest.mark.slow
@@ -259,41 +292,3 @@ def test_kubectl_runbook_then_a_resubmission_with_another_config(tmp_path, s3, s
     assert refused in pod_log(cluster.stage, "train")
     assert pods_started(cluster.stage) == {"preflight": 2, "preprocess": 2, "train": 2, "infer": 1}
     assert storage.read_text(f"{s3_prefix}/runs/kubelet/summary.json") == summary
-
-
-@pytest.mark.slow
-def test_pod_0_lost_mid_run_then_the_group_restarts_from_the_checkpoint(tmp_path, s3, s3_prefix):
-    """Pod 0's node dies after a checkpoint: its Job fails (backoffLimit 0), the JobSet's
-    failurePolicy restarts the group (Recreate: the survivor, stuck in a collective with a
-    peer that is gone, gets SIGTERM, then SIGKILL after the grace period, 10 s here), and
-    the new pods resume from that checkpoint and end after exactly max_steps."""
-    from job import storage
-
-    # 175 steps left after the step-25 checkpoint (seconds on 2 pods, polled every 50 ms):
-    # the kill comes well before the end
-    steps = 200
-    ws, cluster = workspace(
-        tmp_path, s3, s3_prefix, "full-eli5", CPU_SCALE, steps=steps, checkpoint_every=25
-    )
-    upload_inputs(s3_prefix)
-    book = blocks("full-eli5")
-    cluster.sh(book["setup"])
-    run = f"{s3_prefix}/runs/kubelet"
-    docs = {d["metadata"]["name"]: d for d in render(ws / "my-run")}
-    train_apply = "kubectl apply -k my-run -l app.kubernetes.io/component=train"
-    cluster.sh(book["kubectl"].split(train_apply)[0])  # the runbook up to training
-    storage.configure()
-
-    def lose_node(running) -> None:
-        deadline = time.monotonic() + 600
-        while not storage.exists(f"{run}/checkpoints/step-25/COMMITTED.json"):
-            assert time.monotonic() < deadline and running.proc.poll() is None, running.tail()
-            time.sleep(0.05)
-        running.kill()
-
-    cluster.stage.faults[("train", 0, 0)] = lose_node
-    status = cluster.stage.run(yaml.safe_load(yaml.safe_dump(docs["mlmjob-train-full-eli5"])))
-    assert status == {"terminalState": "Completed", "restarts": 1, "restartsCountTowardsMax": 1}
-    assert "resuming from" in pod_log(cluster.stage, "train", 0)
-    summary = json.loads(storage.read_text(f"{run}/summary.json"))
-    assert summary["global_step"] == steps and summary["world_size"] == 2
