@@ -1,7 +1,8 @@
 """The pod entrypoint: `python -m job.launch {train|infer|evaluate} -c CONFIG [--set ...]`.
 
 Reads what Kubernetes (or a test, or a laptop) puts in the environment and starts
-`torchrun` with one worker per GPU:
+`torchrun` with one worker per GPU (one worker on one node: that worker alone, see
+`single_worker`):
 
     MLMJOB_NNODES            nodes in the job (default 1)
     MLMJOB_NPROC_PER_NODE    workers per node (default: the GPU count, else 1; 1 when the
@@ -85,6 +86,35 @@ def torchrun_command(args: list[str], env: dict, device: str = "auto") -> list[s
             "--max-restarts=0",
         ]
     return cmd + ["-m", "job", *args]
+
+
+def single_worker(env: dict, device: str = "auto") -> bool:
+    """One worker on one node: the launcher starts it itself, with the environment torchrun
+    would give it (`single_worker_env`). torchrun's agent would add nothing there but a
+    process and torch's import (about 2 s of the pod's start-up)."""
+    return int(env.get("MLMJOB_NNODES", "1")) == 1 and processes_per_node(env, device) == "1"
+
+
+def single_worker_env(port: int) -> dict:
+    """What `torchrun --standalone --nproc-per-node=1` sets for its worker: rank 0 of 1,
+    its process group's store on a free loopback port."""
+    return {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def worker_command(args: list[str], env: dict, device: str = "auto") -> list[str]:
+    """What the launcher starts: the worker itself (one worker on one node), else torchrun
+    through `agent`."""
+    if single_worker(env, device):
+        return [sys.executable, "-m", "job", *args]
+    return agent_command(torchrun_command(args, env, device))
 
 
 def agent_command(torchrun: list[str]) -> list[str]:
@@ -205,6 +235,20 @@ def _outcome(torchrun_rc: int, exit_dir: str) -> tuple[int, list[str]]:
     return code, explained(exits, code)
 
 
+def single_outcome(rc: int, exit_dir: str) -> tuple[int, list[str]]:
+    """The pod's exit code and last line(s), from the one worker the launcher ran itself:
+    what `agent` makes of torchrun's, for one worker."""
+    if rc != 0 and finished_cleanly(read_exits(exit_dir), 1):
+        return EXIT_OK, [DIED_AFTER_FINISHING]  # see `agent`
+    code, lines = _outcome(rc, exit_dir)
+    if code == EXIT_RETRY and rc < 0:  # torchrun would report the signal: say it here
+        lines = [f"mlmjob: the worker was killed by {signal.Signals(-rc).name}; exit 1"]
+    return code, lines
+
+
+DIED_AFTER_FINISHING = "mlmjob: a worker died after it had finished and reported 0; exit 0"
+
+
 # ---- torchrun, quieter -----------------------------------------------------------------
 
 
@@ -261,7 +305,7 @@ def agent(torchrun_args: list[str]) -> int:
             # ZeRO-3 CPU worker after its exit file). Nothing is lost: a retry would find
             # the run complete. Say so in one line instead of failing the pod.
             report.release()  # torchrun's report of the dead worker, then this line last
-            lines = ["mlmjob: a worker died after it had finished and reported 0; exit 0"]
+            lines = [DIED_AFTER_FINISHING]
             print(lines[0], file=sys.stderr)
             return EXIT_OK
         code, lines = _outcome(EXIT_RETRY, os.environ["MLMJOB_EXIT_DIR"])
@@ -279,7 +323,8 @@ class _Forwarder:
     SIGTERM in the first seconds of a pod), each once."""
 
     def __init__(self):
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None  # torchrun's agent, or the single worker
+        self.single = False  # the worker itself: it is signalled too
         self.started = False
 
     def on_sigterm(self, signum, frame) -> None:
@@ -294,7 +339,8 @@ class _Forwarder:
         while self.proc is None or self.proc.poll() is None:
             if self.proc is not None:
                 try:
-                    workers = psutil.Process(self.proc.pid).children(recursive=True)
+                    top = psutil.Process(self.proc.pid)
+                    workers = [top] * self.single + top.children(recursive=True)
                 except psutil.NoSuchProcess:
                     return
                 for worker in workers:
@@ -303,6 +349,15 @@ class _Forwarder:
                         with contextlib.suppress(psutil.NoSuchProcess):
                             worker.send_signal(signal.SIGTERM)
             time.sleep(0.2)
+
+
+def _free_port() -> int:
+    """A free loopback port (released at once: the worker binds it next, as torchrun's)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "MLMJOB_EXIT_DIR": exit_dir}
         if device == "cpu":  # the workers see no GPU at all: nothing lands on one
             env["CUDA_VISIBLE_DEVICES"] = ""
+        single = single_worker(env, device)
+        if single:
+            env.update(single_worker_env(_free_port()))
         forward = _Forwarder()
+        forward.single = single
         signal.signal(signal.SIGTERM, forward.on_sigterm)
         # Children start with SIGTERM blocked: one that arrives before a worker has its
         # handler (importing torch takes seconds) waits, pending, until job.cli unblocks it
@@ -333,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun, decides what a SIGTERM means).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            command = agent_command(torchrun_command(args, env, device))
-            proc = subprocess.Popen(command, env=env)
+            proc = subprocess.Popen(worker_command(args, env, device), env=env)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         forward.proc = proc
-        code, lines = _outcome(proc.wait(), exit_dir)
+        outcome = single_outcome if single else _outcome
+        code, lines = outcome(proc.wait(), exit_dir)
     for line in lines:  # the last lines of the log: why the pod stopped
         print(line, file=sys.stderr, flush=True)
     return code

@@ -1,5 +1,6 @@
 """The pod launch script as Kubernetes runs it: two pods of an Indexed Job on loopback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from support.once import shared_dir
 from support.s3 import free_port
 from support.training import assert_same_as, kill_all
 
+from job import launch as launcher
 from job.launch import exit_code, torchrun_command
 
 DEMO = [
@@ -139,6 +141,40 @@ def test_torchrun_command_from_the_pod_environment():
     ]
     single = torchrun_command(["infer", "-c", "x.yaml"], {"MLMJOB_NPROC_PER_NODE": "2"})
     assert "--standalone" in single and "--nproc-per-node=2" in single
+
+
+def test_one_worker_on_one_node_runs_without_torchrun():
+    args = ["train", "-c", "c.yaml"]
+    alone = launcher.worker_command(args, {"MLMJOB_NPROC_PER_NODE": "1"})
+    assert alone == [sys.executable, "-m", "job", *args]
+    for env in ({"MLMJOB_NPROC_PER_NODE": "2"}, {"MLMJOB_NNODES": "2"}):
+        assert launcher.worker_command(args, env)[1:4] == ["-m", "job.launch", "torchrun"]
+    assert launcher.single_worker_env(4321) == {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "4321",
+    }
+
+
+def test_a_single_workers_exit_is_what_torchrun_would_make_of_it(tmp_path):
+    def outcome(rc: int, *exits: tuple[int, list[str]]) -> tuple[int, list[str]]:
+        folder = tmp_path / f"exits-{rc}-{len(exits)}"
+        folder.mkdir()
+        for code, lines in exits:
+            (folder / "rank-0").write_text(json.dumps({"code": code, "lines": lines}))
+        return launcher.single_outcome(rc, str(folder))
+
+    assert outcome(0, (0, [])) == (0, [])
+    preempted = ["mlmjob: preempted at step 7: checkpoint committed (s3://b/r); exit 3"]
+    assert outcome(3, (3, preempted)) == (3, preempted)
+    assert outcome(2, (2, [])) == (2, ["mlmjob: a worker exited 2 (bad input); exit 2"])
+    assert outcome(-9) == (1, ["mlmjob: the worker was killed by SIGKILL; exit 1"])
+    assert outcome(1) == (1, [])  # a crash: its traceback is the log's end
+    assert outcome(-6, (0, [])) == (0, [launcher.DIED_AFTER_FINISHING])
 
 
 def test_exit_codes_survive_torchrun():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from support.cli import mlmjob, wait_for
 from support.data import ROOT
+from support.once import shared_dir
 from support.training import (
     assert_same_as,
     config,
@@ -26,6 +27,8 @@ from job.train import checkpoint
 from job.train.phases import EXCLUSIVE
 
 pytestmark = pytest.mark.slow
+
+TORCHRUN_REPORT = ("Traceback", "ChildFailedError", "FAILED", "failed (exitcode")
 
 
 def test_single_process_outputs(reference):
@@ -91,15 +94,26 @@ def test_completed_run_is_not_redone(synthetic, reference, tmp_path):
     assert proc.returncode == 0 and "run already complete" in proc.stderr
 
 
-def test_two_process_ddp_and_deepspeed_agree(synthetic, tmp_path, data_dir):
-    no_clip = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
-    ddp = launch(
-        config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), no_clip, nproc=2
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+NO_CLIP = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
+
+
+@pytest.fixture(scope="module")
+def ddp_no_clip(tmp_path_factory, synthetic, data_dir) -> Path:
+    """The tiny config on 2 processes (DDP), without clipping: what the 2-process DeepSpeed
+    runs are compared with, trained once for the session's workers (its stderr beside)."""
+
+    def make(tmp: Path) -> None:
+        proc = launch(config(synthetic, tmp, data_dir), NO_CLIP, nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (tmp / "stderr.txt").write_text(proc.stderr)
+
+    return shared_dir(tmp_path_factory, "ddp-no-clip", make) / "run"
+
+
+def test_two_process_ddp_and_deepspeed_agree(synthetic, tmp_path, data_dir, ddp_no_clip):
     ds = launch(
         config(synthetic, tmp_path, data_dir, tmp_path / "ds", "ds.yaml"),
-        no_clip,
+        NO_CLIP,
         "train.deepspeed=configs/deepspeed/zero2.json",
         nproc=2,
     )
@@ -108,13 +122,13 @@ def test_two_process_ddp_and_deepspeed_agree(synthetic, tmp_path, data_dir):
     assert "shm_comm" not in ds.stdout + ds.stderr  # not built: see accel._no_shm_comm
     ds_files = [p.name for p in (tmp_path / "ds" / "checkpoints").rglob("*optim_states*")]
     assert len(ds_files) == 2 * 2  # 2 checkpoints kept x 1 ZeRO partition per rank
-    for run in ("ddp", "ds"):
-        summary = json.loads((tmp_path / run / "summary.json").read_text())
+    for run in (ddp_no_clip, tmp_path / "ds"):
+        summary = json.loads((run / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["global_step"] == 24
         assert summary["train_tokens"] == 24 * 8 * 128
-        loss = [e["loss"] for e in events(tmp_path / run)]
+        loss = [e["loss"] for e in events(run)]
         assert sum(loss[-4:]) < sum(loss[:4])
-    a, b = events(tmp_path / "ddp", "eval"), events(tmp_path / "ds", "eval")
+    a, b = events(ddp_no_clip, "eval"), events(tmp_path / "ds", "eval")
     assert [e["perplexity"] for e in a] == pytest.approx([e["perplexity"] for e in b], rel=1e-4)
 
 
@@ -124,29 +138,58 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(
     cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     err = preempt(cfg, run, after=8)
-    assert "preempted at step" in err
-    step, _ = checkpoint.latest(str(run))
-    assert 8 <= step < 24
+    step, uri = checkpoint.latest(str(run))
+    assert 8 <= step < 24 and uri == f"{run}/checkpoints/step-{step}"
     assert not (run / "summary.json").exists()
+    # what `kubectl logs` ends with (issue 18.4): the line that says why, not torchrun's
+    # report of a failed child
+    for report in TORCHRUN_REPORT:
+        assert report not in err, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last == f"mlmjob: preempted at step {step}: checkpoint committed ({uri}); exit 3"
+    assert f"preempted at step {step}: checkpoint committed ({uri}), exiting 3" in err  # the log
     again = launch(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-{step}" in again.stderr
     assert_same_as(run, reference)
 
 
-def test_sigkill_after_checkpoint_and_resume_matches_uninterrupted(
+def test_sigkill_after_checkpoint_then_resume_or_fall_back_from_a_damaged_one(
     synthetic, tmp_path, data_dir, reference
 ):
+    """A run SIGKILLed (launcher, torchrun and worker at once: a node loss) after its step-12
+    checkpoint, resumed twice from copies of what it left: as it is, and with that newest
+    checkpoint damaged. Before: a checksum mismatch raised, so every retry failed on the
+    same checkpoint. Both end as the uninterrupted run."""
     cfg = config(synthetic, tmp_path, data_dir)
     run = tmp_path / "run"
     proc = start(cfg)
-    wait_for(lambda: (run / "checkpoints" / "step-6" / "COMMITTED.json").exists())
+    wait_for(lambda: (run / "checkpoints" / "step-12" / "COMMITTED.json").exists())
     kill_all(proc)
     assert not (run / "summary.json").exists()
+    damaged_run = tmp_path / "damaged" / "run"
+    shutil.copytree(run, damaged_run)
+
     again = launch(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     assert_same_as(run, reference)
+
+    for stale in (damaged_run / "checkpoints").glob("step-*"):
+        if stale.name not in ("step-6", "step-12"):
+            shutil.rmtree(stale)
+    damaged = damaged_run / "checkpoints" / "step-12" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-100:] = bytes(100)  # same size: only the checksum can tell
+    damaged.write_bytes(bytes(data))
+    again = launch(config(synthetic, tmp_path / "damaged", data_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"checkpoint {damaged_run}/checkpoints/step-12 is damaged (model.safetensors: checksum "
+        "mismatch); falling back to the previous one"
+    ) in again.stderr
+    assert f"resuming from {damaged_run}/checkpoints/step-6" in again.stderr
+    assert_same_as(damaged_run, reference)
 
 
 def test_two_processes_resumed_with_one_continue_at_the_same_sample(synthetic, tmp_path, data_dir):
@@ -350,29 +393,34 @@ def optimizer_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_zero3_decays_what_ddp_decays_and_trains_the_same(synthetic, tmp_path, data_dir, nproc):
+def test_zero3_decays_what_ddp_decays_and_trains_the_same(
+    synthetic, tmp_path, data_dir, nproc, request
+):
     """Before: under ZeRO-3 every parameter was an empty 1-D partition when the optimizer
     grouped them, so none had weight decay, and summary.parameters counted partitions."""
-    sets = ("train.max_grad_norm=1.0e9", "train.max_steps=12")  # DeepSpeed clips its own way
-    ddp = launch(
-        config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "ddp.yaml"), *sets, nproc=nproc
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    if nproc == 2:
+        ddp_run = request.getfixturevalue("ddp_no_clip")
+        ddp_err = (ddp_run.parent / "stderr.txt").read_text()
+    else:
+        ddp_run = tmp_path / "ddp"
+        ddp = launch(config(synthetic, tmp_path, data_dir, ddp_run, "ddp.yaml"), NO_CLIP)
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
+        ddp_err = ddp.stderr
     z3 = launch(
         config(synthetic, tmp_path, data_dir, tmp_path / "z3", "z3.yaml"),
-        *sets,
+        NO_CLIP,
         "train.deepspeed=configs/deepspeed/zero3.json",
         nproc=nproc,
     )
     assert z3.returncode == 0, z3.stderr[-3000:]
-    assert optimizer_line(z3.stderr) == optimizer_line(ddp.stderr)
-    assert optimizer_line(ddp.stderr).startswith("AdamW, weight decay on 16 tensors")
-    a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("ddp", "z3"))
+    assert optimizer_line(z3.stderr) == optimizer_line(ddp_err)
+    assert optimizer_line(ddp_err).startswith("AdamW, weight decay on 16 tensors")
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (ddp_run, tmp_path / "z3"))
     # the whole model, vocabulary x 64 embedding included, never ZeRO-3's partitions
     assert a["parameters"] == b["parameters"] == tiny_model_parameters(synthetic.tokenizer)
-    got, want = events(tmp_path / "z3"), events(tmp_path / "ddp")
+    got, want = events(tmp_path / "z3"), events(ddp_run)
     assert [e["loss"] for e in got] == pytest.approx([e["loss"] for e in want], rel=1e-4)
-    got, want = events(tmp_path / "z3", "eval"), events(tmp_path / "ddp", "eval")
+    got, want = events(tmp_path / "z3", "eval"), events(ddp_run, "eval")
     assert [e["perplexity"] for e in got] == pytest.approx(
         [e["perplexity"] for e in want], rel=1e-4
     )
@@ -423,32 +471,6 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
         assert e["lr"] == pytest.approx(lr, rel=1e-9, abs=1e-15), e
         seen_before = e["samples_seen"]
     assert seen_before == total
-
-
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
-    synthetic, tmp_path, data_dir, reference
-):
-    """Before: a checksum mismatch raised, so every retry failed on the same checkpoint."""
-    cfg = config(synthetic, tmp_path, data_dir)
-    run = tmp_path / "run"
-    proc = start(cfg)
-    wait_for(lambda: (run / "checkpoints" / "step-12" / "COMMITTED.json").exists())
-    kill_all(proc)
-    for stale in (run / "checkpoints").glob("step-*"):
-        if stale.name not in ("step-6", "step-12"):
-            shutil.rmtree(stale)
-    damaged = run / "checkpoints" / "step-12" / "model.safetensors"
-    data = bytearray(damaged.read_bytes())
-    data[-100:] = bytes(100)  # same size: only the checksum can tell
-    damaged.write_bytes(bytes(data))
-    again = launch(cfg)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (
-        f"checkpoint {run}/checkpoints/step-12 is damaged (model.safetensors: checksum "
-        "mismatch); falling back to the previous one"
-    ) in again.stderr
-    assert f"resuming from {run}/checkpoints/step-6" in again.stderr
-    assert_same_as(run, reference)
 
 
 def test_one_download_per_shard_for_the_ranks_of_a_node(
