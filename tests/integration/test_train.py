@@ -95,40 +95,55 @@ def test_completed_run_is_not_redone(synthetic, reference, tmp_path):
 
 
 NO_CLIP = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
+NO_DROPOUT = (
+    "model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
+    "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
+    "attention_probs_dropout_prob: 0.0}"
+)
+# What the layout comparisons run: no clipping, no dropout (DDP, DeepSpeed, 1 process x 8
+# samples and 2 x 4 draw dropout masks from different streams), 12 steps.
+COMPARABLE = (NO_CLIP, NO_DROPOUT, "train.max_steps=12")
+ZERO2 = "train.deepspeed=configs/deepspeed/zero2.json"
+
+
+def two_process_run(tmp_path_factory, synthetic, data_dir, name: str, *sets: str) -> Path:
+    """A 2-process run of the tiny config with COMPARABLE and `sets`, trained once for the
+    session's workers (its stdout and stderr beside it): what the other layouts of the
+    same run are compared with."""
+
+    def make(tmp: Path) -> None:
+        proc = launch(config(synthetic, tmp, data_dir), *COMPARABLE, *sets, nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (tmp / "stdout.txt").write_text(proc.stdout)
+        (tmp / "stderr.txt").write_text(proc.stderr)
+
+    return shared_dir(tmp_path_factory, name, make) / "run"
 
 
 @pytest.fixture(scope="module")
-def ddp_no_clip(tmp_path_factory, synthetic, data_dir) -> Path:
-    """The tiny config on 2 processes (DDP), without clipping: what the 2-process DeepSpeed
-    runs are compared with, trained once for the session's workers (its stderr beside)."""
-
-    def make(tmp: Path) -> None:
-        proc = launch(config(synthetic, tmp, data_dir), NO_CLIP, nproc=2)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (tmp / "stderr.txt").write_text(proc.stderr)
-
-    return shared_dir(tmp_path_factory, "ddp-no-clip", make) / "run"
+def ddp2(tmp_path_factory, synthetic, data_dir) -> Path:
+    return two_process_run(tmp_path_factory, synthetic, data_dir, "ddp2")
 
 
-def test_two_process_ddp_and_deepspeed_agree(synthetic, tmp_path, data_dir, ddp_no_clip):
-    ds = launch(
-        config(synthetic, tmp_path, data_dir, tmp_path / "ds", "ds.yaml"),
-        NO_CLIP,
-        "train.deepspeed=configs/deepspeed/zero2.json",
-        nproc=2,
-    )
-    assert ds.returncode == 0, ds.stderr[-3000:]
-    assert "DeepSpeed configs/deepspeed/zero2.json" in ds.stderr
-    assert "shm_comm" not in ds.stdout + ds.stderr  # not built: see accel._no_shm_comm
-    ds_files = [p.name for p in (tmp_path / "ds" / "checkpoints").rglob("*optim_states*")]
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory, synthetic, data_dir) -> Path:
+    return two_process_run(tmp_path_factory, synthetic, data_dir, "zero2", ZERO2)
+
+
+def test_two_process_ddp_and_deepspeed_agree(ddp2, zero2):
+    out = (zero2.parent / "stdout.txt").read_text() + (zero2.parent / "stderr.txt").read_text()
+    assert "DeepSpeed configs/deepspeed/zero2.json" in out
+    assert "shm_comm" not in out  # not built: see accel._no_shm_comm
+    ds_files = [p.name for p in (zero2 / "checkpoints").rglob("*optim_states*")]
     assert len(ds_files) == 2 * 2  # 2 checkpoints kept x 1 ZeRO partition per rank
-    for run in (ddp_no_clip, tmp_path / "ds"):
+    for run in (ddp2, zero2):
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["world_size"] == 2 and summary["global_step"] == 24
-        assert summary["train_tokens"] == 24 * 8 * 128
+        assert summary["world_size"] == 2 and summary["global_step"] == 12
+        assert summary["train_tokens"] == 12 * 8 * 128
         loss = [e["loss"] for e in events(run)]
         assert sum(loss[-4:]) < sum(loss[:4])
-    a, b = events(ddp_no_clip, "eval"), events(tmp_path / "ds", "eval")
+    a, b = events(ddp2, "eval"), events(zero2, "eval")
+    assert [e["step"] for e in a] == [e["step"] for e in b] == [12]
     assert [e["perplexity"] for e in a] == pytest.approx([e["perplexity"] for e in b], rel=1e-4)
 
 
@@ -237,7 +252,7 @@ def test_uncommitted_or_truncated_latest_checkpoint_is_skipped(tmp_path, caplog,
 
 def test_checkpoints_and_outputs_through_s3(synthetic, tmp_path, data_dir, s3_prefix):
     cfg = config(synthetic, tmp_path, data_dir, run=f"{s3_prefix}/run")
-    missing = launch(cfg, f"data.output={s3_prefix}/data")
+    missing = mlmjob("train", "-c", cfg, "--set", f"data.output={s3_prefix}/data")
     assert missing.returncode == 2  # no dataset on S3 yet: one clear line, exit 2
     assert "run `mlmjob preprocess` first" in missing.stderr
     mlmjob("preprocess", "-c", cfg, "--set", f"data.output={s3_prefix}/data", check=True)
@@ -306,22 +321,12 @@ def test_train_applied_before_preprocess_waits_for_the_dataset(synthetic, tmp_pa
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 4
 
 
-NO_DROPOUT = (
-    "model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
-    "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
-    "attention_probs_dropout_prob: 0.0}"
-)
-
-
-def test_deepspeed_zero2_resume_matches_uninterrupted(synthetic, tmp_path, data_dir):
+def test_deepspeed_zero2_resume_matches_uninterrupted(synthetic, tmp_path, data_dir, zero2):
     """ZeRO-2 checkpoints hold one optimizer partition per rank: all must come back, on the
     same number of processes and, converted to a universal checkpoint, on another one.
-    Dropout is off so that 1 process x 8 samples computes what 2 x 4 do."""
-    sets = ("train.deepspeed=configs/deepspeed/zero2.json", "train.max_steps=12", NO_DROPOUT)
-    ref = launch(
-        config(synthetic, tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *sets, nproc=2
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    Dropout is off so that 1 process x 8 samples computes what 2 x 4 do (COMPARABLE); the
+    uninterrupted run is the `zero2` fixture."""
+    sets = (*COMPARABLE, ZERO2)
     cfg = config(synthetic, tmp_path, data_dir, tmp_path / "run", "run.yaml")
     proc = start(cfg, *sets, nproc=2)
     wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step-6" / "COMMITTED.json").exists())
@@ -333,7 +338,7 @@ def test_deepspeed_zero2_resume_matches_uninterrupted(synthetic, tmp_path, data_
     again = launch(cfg, *sets, nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
-    assert_same_as(tmp_path / "run", tmp_path / "ref")
+    assert_same_as(tmp_path / "run", zero2)
 
     # Before: ZeRORuntimeException "DP world size of 2 but the current world size is 1", exit 1
     one = config(synthetic, tmp_path, data_dir, tmp_path / "one", "one.yaml")
@@ -343,7 +348,7 @@ def test_deepspeed_zero2_resume_matches_uninterrupted(synthetic, tmp_path, data_
     # 1 x 8 sums a batch's gradient in another order than 2 x 4 all-reduced: rounding-level
     # differences, which Adam turns into at most about one learning-rate step (1e-3) on
     # weights whose gradient is near zero. Lost or misplaced optimizer state shows far more.
-    assert_same_as(tmp_path / "one", tmp_path / "ref", rel=1e-4, atol=2e-3)
+    assert_same_as(tmp_path / "one", zero2, rel=1e-4, atol=2e-3)
 
 
 def only_step_6(run: Path) -> None:
@@ -354,21 +359,18 @@ def only_step_6(run: Path) -> None:
     (run / "summary.json").unlink(missing_ok=True)
 
 
-def test_gradient_accumulation_equals_data_parallel(synthetic, tmp_path, data_dir):
-    """1 process x 2 micro-batches of 4 = 2 processes x 4: same samples, same averaged
-    gradient (dropout off: the two layouts draw dropout masks from different streams)."""
-    sets = (NO_DROPOUT, "train.max_steps=8", "train.eval_every_steps=8")
+def test_gradient_accumulation_equals_data_parallel(synthetic, tmp_path, data_dir, ddp2):
+    """1 process x 2 micro-batches of 4 = 2 processes x 4 (the `ddp2` fixture): same
+    samples, same averaged gradient (dropout off: COMPARABLE)."""
     accum = launch(
         config(synthetic, tmp_path, data_dir, tmp_path / "accum", "a.yaml"),
-        *sets,
+        *COMPARABLE,
         "train.gradient_accumulation_steps=2",
         nproc=1,
     )
     assert accum.returncode == 0, accum.stderr[-3000:]
-    ddp = launch(config(synthetic, tmp_path, data_dir, tmp_path / "ddp", "d.yaml"), *sets, nproc=2)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert [e["samples"] for e in events(tmp_path / "accum")] == [8 * k for k in range(1, 9)]
-    assert_same_as(tmp_path / "accum", tmp_path / "ddp")
+    assert [e["samples"] for e in events(tmp_path / "accum")] == [8 * k for k in range(1, 13)]
+    assert_same_as(tmp_path / "accum", ddp2)
 
 
 def tiny_model_parameters(tokenizer: Path) -> int:
@@ -399,16 +401,16 @@ def test_zero3_decays_what_ddp_decays_and_trains_the_same(
     """Before: under ZeRO-3 every parameter was an empty 1-D partition when the optimizer
     grouped them, so none had weight decay, and summary.parameters counted partitions."""
     if nproc == 2:
-        ddp_run = request.getfixturevalue("ddp_no_clip")
+        ddp_run = request.getfixturevalue("ddp2")
         ddp_err = (ddp_run.parent / "stderr.txt").read_text()
     else:
         ddp_run = tmp_path / "ddp"
-        ddp = launch(config(synthetic, tmp_path, data_dir, ddp_run, "ddp.yaml"), NO_CLIP)
+        ddp = launch(config(synthetic, tmp_path, data_dir, ddp_run, "ddp.yaml"), *COMPARABLE)
         assert ddp.returncode == 0, ddp.stderr[-3000:]
         ddp_err = ddp.stderr
     z3 = launch(
         config(synthetic, tmp_path, data_dir, tmp_path / "z3", "z3.yaml"),
-        NO_CLIP,
+        *COMPARABLE,
         "train.deepspeed=configs/deepspeed/zero3.json",
         nproc=nproc,
     )
