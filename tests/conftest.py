@@ -32,7 +32,7 @@ from support.data import REAL, REQUIRE_DATA, Inputs, data_missing, need_data
 from support.hub import serve_hub
 from support.once import shared_dir
 from support.s3 import S3Proxy, Weed, free_port, serve
-from support.training import TINY, config, launch
+from support.training import COMPARABLE, TINY, ZERO2, config, launch
 
 os.environ["MLMJOB_NO_PROGRESS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -139,6 +139,32 @@ def reference(tmp_path_factory, synthetic, data_dir):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     return shared_dir(tmp_path_factory, "reference", make) / "run"
+
+
+def two_process_run(tmp_path_factory, synthetic, data_dir, name: str, *sets: str) -> Path:
+    """A 2-process run of the tiny config with COMPARABLE and `sets`, trained once for the
+    session's workers (its stdout and stderr beside it): what the other layouts of the
+    same run are compared with."""
+
+    def make(tmp: Path) -> None:
+        proc = launch(config(synthetic, tmp, data_dir), *COMPARABLE, *sets, nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (tmp / "stdout.txt").write_text(proc.stdout)
+        (tmp / "stderr.txt").write_text(proc.stderr)
+
+    return shared_dir(tmp_path_factory, name, make) / "run"
+
+
+@pytest.fixture(scope="session")
+def ddp2(tmp_path_factory, synthetic, data_dir) -> Path:
+    """The tiny config with COMPARABLE on 2 processes (DDP), read only."""
+    return two_process_run(tmp_path_factory, synthetic, data_dir, "ddp2")
+
+
+@pytest.fixture(scope="session")
+def zero2(tmp_path_factory, synthetic, data_dir) -> Path:
+    """The tiny config with COMPARABLE on 2 processes under DeepSpeed ZeRO-2, read only."""
+    return two_process_run(tmp_path_factory, synthetic, data_dir, "zero2", ZERO2)
 
 
 # ---- trackers and the Hub ----------------------------------------------------------------

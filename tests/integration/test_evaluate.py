@@ -10,7 +10,7 @@ import sys
 import pytest
 from support.cli import mlmjob
 from support.data import ROOT
-from support.training import config, events, launch
+from support.training import COMPARABLE, config, events
 
 from job.train.evaluate import result_name
 
@@ -67,13 +67,10 @@ def test_evaluate_reproduces_the_runs_final_perplexity(synthetic, tmp_path, data
     assert result2["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-6)
 
 
-def test_two_process_run_evaluated_on_two_processes_exactly(synthetic, tmp_path, data_dir):
-    cfg = config(synthetic, tmp_path, data_dir)
-    trained = launch(cfg, "train.max_steps=6", "train.eval_every_steps=6", nproc=2)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    proc = evaluate(cfg, nproc=2)
+def test_two_process_run_evaluated_on_two_processes_exactly(synthetic, tmp_path, data_dir, ddp2):
+    run = ddp2  # conftest's 2-process run
+    proc = evaluate(config(synthetic, tmp_path, data_dir, run=run), *COMPARABLE, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "run"
     result = json.loads((run / "eval" / f"{result_name(str(run / 'model'))}.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert result["world_size"] == summary["world_size"] == 2

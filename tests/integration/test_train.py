@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from support.cli import mlmjob, wait_for
 from support.data import ROOT
-from support.once import shared_dir
 from support.training import (
+    COMPARABLE,
+    ZERO2,
     assert_same_as,
     config,
     events,
@@ -92,42 +93,6 @@ def test_completed_run_is_not_redone(synthetic, reference, tmp_path):
         f"run.output={reference}",
     )
     assert proc.returncode == 0 and "run already complete" in proc.stderr
-
-
-NO_CLIP = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
-NO_DROPOUT = (
-    "model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
-    "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
-    "attention_probs_dropout_prob: 0.0}"
-)
-# What the layout comparisons run: no clipping, no dropout (DDP, DeepSpeed, 1 process x 8
-# samples and 2 x 4 draw dropout masks from different streams), 12 steps.
-COMPARABLE = (NO_CLIP, NO_DROPOUT, "train.max_steps=12")
-ZERO2 = "train.deepspeed=configs/deepspeed/zero2.json"
-
-
-def two_process_run(tmp_path_factory, synthetic, data_dir, name: str, *sets: str) -> Path:
-    """A 2-process run of the tiny config with COMPARABLE and `sets`, trained once for the
-    session's workers (its stdout and stderr beside it): what the other layouts of the
-    same run are compared with."""
-
-    def make(tmp: Path) -> None:
-        proc = launch(config(synthetic, tmp, data_dir), *COMPARABLE, *sets, nproc=2)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (tmp / "stdout.txt").write_text(proc.stdout)
-        (tmp / "stderr.txt").write_text(proc.stderr)
-
-    return shared_dir(tmp_path_factory, name, make) / "run"
-
-
-@pytest.fixture(scope="module")
-def ddp2(tmp_path_factory, synthetic, data_dir) -> Path:
-    return two_process_run(tmp_path_factory, synthetic, data_dir, "ddp2")
-
-
-@pytest.fixture(scope="module")
-def zero2(tmp_path_factory, synthetic, data_dir) -> Path:
-    return two_process_run(tmp_path_factory, synthetic, data_dir, "zero2", ZERO2)
 
 
 def test_two_process_ddp_and_deepspeed_agree(ddp2, zero2):

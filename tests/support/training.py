@@ -43,6 +43,18 @@ train:
 
 TIMING = {"tokens_per_s"}
 
+NO_CLIP = "train.max_grad_norm=1.0e9"  # DeepSpeed clips in its own way
+NO_DROPOUT = (
+    "model.config_overrides={hidden_size: 64, num_hidden_layers: 2, "
+    "num_attention_heads: 2, intermediate_size: 128, hidden_dropout_prob: 0.0, "
+    "attention_probs_dropout_prob: 0.0}"
+)
+# What the layout comparisons run (conftest's ddp2 and zero2): no clipping, no dropout
+# (DDP, DeepSpeed, 1 process x 8 samples and 2 x 4 draw dropout masks from different
+# streams), 12 steps.
+COMPARABLE = (NO_CLIP, NO_DROPOUT, "train.max_steps=12")
+ZERO2 = "train.deepspeed=configs/deepspeed/zero2.json"
+
 
 def config(src: Inputs, tmp_path: Path, data_dir, run=None, name="c.yaml") -> Path:
     run = run or tmp_path / "run"
