@@ -16,9 +16,9 @@ from support.once import shared_dir
 # Commands that run in the test's own process unless a test asks for a fresh one: each
 # fresh process would pay torch's and transformers' imports (seconds) again. What they
 # leave process-wide is put back after each (`_in_process`): the SIGTERM handler, train's
-# Preemption and accelerate's state. DeepSpeed without a launcher makes this process rank
-# 0 of a process group (accel._alone): in a process of its own.
-IN_PROCESS = ("validate", "preprocess", "infer", "train")
+# Preemption and accelerate's state (train's and evaluate's). DeepSpeed without a launcher
+# makes this process rank 0 of a process group (accel._alone): in a process of its own.
+IN_PROCESS = ("validate", "preprocess", "infer", "train", "evaluate")
 
 
 # Environment read at call time (storage's client is made anew by each command's
@@ -97,7 +97,7 @@ def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
         sys.stdout, sys.stderr = saved_streams
         log.handlers[:], log.level, log.propagate = saved_log
         signal.signal(signal.SIGTERM, saved_sigterm)
-        if args[0] == "train":
+        if args[0] in ("train", "evaluate"):  # each makes an Accelerator
             _forget_training()
         os.chdir(cwd)
         for k, v in saved_env.items():
