@@ -134,12 +134,13 @@ def test_sigkilled_launchers_workers_stop_and_the_resubmission_takes_over(
     run = tmp_path / "run"
     cfg = config(tmp_path, synthetic, data, run, wait=120, ttl=4)
     first = start("train", "-c", cfg, launcher=True)
-    wait_for(lambda: len(events(str(run))) >= 12)  # past the step-10 checkpoint
-    workers = [p for p in psutil.Process(first.pid).children(recursive=True)]
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher's group: torchrun's workers survive it
+    step_10 = run / "checkpoints" / "step-10" / "COMMITTED.json"
+    wait_for(lambda: len(events(str(run))) >= 12 and step_10.exists())
+    (worker,) = psutil.Process(first.pid).children(recursive=True)  # one: no torchrun
+    os.kill(first.pid, signal.SIGKILL)  # the launcher alone: its worker lives on, orphaned
     first.wait()
-    gone, alive = psutil.wait_procs(workers, timeout=15)
-    assert not alive, "torchrun's workers outlived their launcher"
+    gone, alive = psutil.wait_procs([worker], timeout=15)
+    assert not alive, "the worker outlived its launcher"
     second = start("train", "-c", cfg, launcher=True)
     _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
