@@ -95,18 +95,20 @@ def single_worker(env: dict, device: str = "auto") -> bool:
     return int(env.get("MLMJOB_NNODES", "1")) == 1 and processes_per_node(env, device) == "1"
 
 
-def single_worker_env(port: int) -> dict:
-    """What `torchrun --standalone --nproc-per-node=1` sets for its worker: rank 0 of 1,
-    its process group's store on a free loopback port."""
-    return {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "GROUP_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
+def single_worker_env(env: dict) -> dict:
+    """`env` with what `torchrun --standalone --nproc-per-node=1` sets for its worker: rank
+    0 of 1, its process group's store on loopback. No MASTER_PORT (a pod's names pod 0's
+    rendezvous): the worker picks a free one just before it binds it (accel._environment)."""
+    single = {k: v for k, v in env.items() if k != "MASTER_PORT"}
+    single.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        GROUP_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+    )
+    return single
 
 
 def worker_command(args: list[str], env: dict, device: str = "auto") -> list[str]:
@@ -242,8 +244,15 @@ def single_outcome(rc: int, exit_dir: str) -> tuple[int, list[str]]:
         return EXIT_OK, [DIED_AFTER_FINISHING]  # see `agent`
     code, lines = _outcome(rc, exit_dir)
     if code == EXIT_RETRY and rc < 0:  # torchrun would report the signal: say it here
-        lines = [f"mlmjob: the worker was killed by {signal.Signals(-rc).name}; exit 1"]
+        lines = [f"mlmjob: the worker was killed by {_signal_name(-rc)}; exit 1"]
     return code, lines
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {number}"
 
 
 DIED_AFTER_FINISHING = "mlmjob: a worker died after it had finished and reported 0; exit 0"
@@ -351,15 +360,6 @@ class _Forwarder:
             time.sleep(0.2)
 
 
-def _free_port() -> int:
-    """A free loopback port (released at once: the worker binds it next, as torchrun's)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     redact.install()  # this process's lines; each worker (job.cli:main) redacts its own
     args = list(sys.argv[1:] if argv is None else argv)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ""
         single = single_worker(env, device)
         if single:
-            env.update(single_worker_env(_free_port()))
+            env = single_worker_env(env)
         forward = _Forwarder()
         forward.single = single
         signal.signal(signal.SIGTERM, forward.on_sigterm)
@@ -392,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun, decides what a SIGTERM means).
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            proc = subprocess.Popen(worker_command(args, env, device), env=env)
+            # a session of its own, as torchrun's workers: a signal to the launcher's group
+            # (Ctrl-C, kill -- -PGID) reaches the worker through the launcher, once
+            proc = subprocess.Popen(
+                worker_command(args, env, device), env=env, start_new_session=single
+            )
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         forward.proc = proc

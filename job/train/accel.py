@@ -48,6 +48,11 @@ def _environment(device: str, deepspeed: bool) -> None:
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             _alone()
+    if "RANK" in os.environ and "MASTER_PORT" not in os.environ:
+        # job.launch's single worker: its process group's store on a port picked here, just
+        # before the group binds it (picked at launch, minutes of data wait and downloads
+        # before, a connection of this process could have taken it)
+        os.environ["MASTER_PORT"] = str(free_port())
     _deepspeed_visible(deepspeed)
 
 
@@ -127,15 +132,20 @@ def process_group_kwargs(backend: str | None, seconds: float):
     return handler
 
 
+def free_port() -> int:
+    """A free loopback port, released at once: the process group binds it next."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _alone() -> None:
     """Plain `mlmjob train` (no torchrun) with DeepSpeed: DeepSpeed needs a process group
     even for one process, so this process becomes rank 0 of 1, its rendezvous on loopback
     (MASTER_ADDR/PORT from a pod's environment name another process's rendezvous)."""
-    import socket
-
-    with socket.socket() as s:  # a free port (released at once; DeepSpeed binds it next)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     single = {
         "RANK": "0",
         "LOCAL_RANK": "0",

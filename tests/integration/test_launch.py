@@ -149,14 +149,15 @@ def test_one_worker_on_one_node_runs_without_torchrun():
     assert alone == [sys.executable, "-m", "job", *args]
     for env in ({"MLMJOB_NPROC_PER_NODE": "2"}, {"MLMJOB_NNODES": "2"}):
         assert launcher.worker_command(args, env)[1:4] == ["-m", "job.launch", "torchrun"]
-    assert launcher.single_worker_env(4321) == {
+    pod = {"MASTER_ADDR": "mlmjob-train-0.mlmjob-train", "MASTER_PORT": "29500", "HOME": "/h"}
+    assert launcher.single_worker_env(pod) == {
+        "HOME": "/h",
         "RANK": "0",
         "LOCAL_RANK": "0",
         "GROUP_RANK": "0",
         "WORLD_SIZE": "1",
         "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "4321",
+        "MASTER_ADDR": "127.0.0.1",  # no MASTER_PORT: the worker picks one (accel)
     }
 
 
@@ -175,6 +176,7 @@ def test_a_single_workers_exit_is_what_torchrun_would_make_of_it(tmp_path):
     assert outcome(-9) == (1, ["mlmjob: the worker was killed by SIGKILL; exit 1"])
     assert outcome(1) == (1, [])  # a crash: its traceback is the log's end
     assert outcome(-6, (0, [])) == (0, [launcher.DIED_AFTER_FINISHING])
+    assert outcome(-40) == (1, ["mlmjob: the worker was killed by signal 40; exit 1"])
 
 
 def test_exit_codes_survive_torchrun():

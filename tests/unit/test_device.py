@@ -9,6 +9,7 @@ CPU-only machine gives. The usable-GPU path runs only on a GPU machine."""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -187,3 +188,21 @@ def test_the_launchers_process_count():
     assert processes_per_node({"MLMJOB_NPROC_PER_NODE": "4"}, "cuda") == "4"
     assert processes_per_node({}, "cpu") == "1"  # the CPU: one process, GPUs or not
     assert "--nproc-per-node=1" in torchrun_command(["train", "-c", "c.yaml"], {}, "cpu")
+
+
+def test_a_single_worker_picks_its_store_port_when_its_accelerator_is_built(monkeypatch):
+    """job.launch's single worker comes without MASTER_PORT: one picked at launch could be
+    taken by the time the process group binds it (after the data wait and downloads)."""
+    from accelerate.utils import other
+
+    monkeypatch.setattr(other, "is_deepspeed_available", other.is_deepspeed_available)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # put back afterwards, as the others
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_PORT", "0")  # so that what is set below is undone too
+    monkeypatch.delenv("MASTER_PORT")
+    accel._environment("cpu", deepspeed=False)
+    port = int(os.environ["MASTER_PORT"])
+    assert 0 < port < 65536
+    monkeypatch.setenv("MASTER_PORT", "29500")  # torchrun's workers: theirs stays
+    accel._environment("cpu", deepspeed=False)
+    assert os.environ["MASTER_PORT"] == "29500"
