@@ -95,20 +95,22 @@ def single_worker(env: dict, device: str = "auto") -> bool:
     return int(env.get("MLMJOB_NNODES", "1")) == 1 and processes_per_node(env, device) == "1"
 
 
+# What `torchrun --standalone --nproc-per-node=1` sets for its worker: rank 0 of 1, its
+# process group's store on loopback. No MASTER_PORT (a pod's names pod 0's rendezvous): the
+# worker picks a free one just before it binds it (accel._environment).
+SINGLE_WORKER = {
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "GROUP_RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_WORLD_SIZE": "1",
+    "MASTER_ADDR": "127.0.0.1",
+}
+
+
 def single_worker_env(env: dict) -> dict:
-    """`env` with what `torchrun --standalone --nproc-per-node=1` sets for its worker: rank
-    0 of 1, its process group's store on loopback. No MASTER_PORT (a pod's names pod 0's
-    rendezvous): the worker picks a free one just before it binds it (accel._environment)."""
-    single = {k: v for k, v in env.items() if k != "MASTER_PORT"}
-    single.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        GROUP_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-    )
-    return single
+    """`env` as a single worker gets it: SINGLE_WORKER, and no MASTER_PORT."""
+    return {k: v for k, v in env.items() if k != "MASTER_PORT"} | SINGLE_WORKER
 
 
 def worker_command(args: list[str], env: dict, device: str = "auto") -> list[str]:
@@ -349,7 +351,7 @@ class _Forwarder:
             if self.proc is not None:
                 try:
                     top = psutil.Process(self.proc.pid)
-                    workers = [top] * self.single + top.children(recursive=True)
+                    workers = ([top] if self.single else []) + top.children(recursive=True)
                 except psutil.NoSuchProcess:
                     return
                 for worker in workers:

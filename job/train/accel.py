@@ -49,9 +49,9 @@ def _environment(device: str, deepspeed: bool) -> None:
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             _alone()
     if "RANK" in os.environ and "MASTER_PORT" not in os.environ:
-        # job.launch's single worker: its process group's store on a port picked here, just
-        # before the group binds it (picked at launch, minutes of data wait and downloads
-        # before, a connection of this process could have taken it)
+        # job.launch's single worker, or `_alone`: its process group's store on a port picked
+        # here, just before the group binds it (picked at launch, minutes of data wait and
+        # downloads before, a connection of this process could have taken it)
         os.environ["MASTER_PORT"] = str(free_port())
     _deepspeed_visible(deepspeed)
 
@@ -143,19 +143,14 @@ def free_port() -> int:
 
 def _alone() -> None:
     """Plain `mlmjob train` (no torchrun) with DeepSpeed: DeepSpeed needs a process group
-    even for one process, so this process becomes rank 0 of 1, its rendezvous on loopback
-    (MASTER_ADDR/PORT from a pod's environment name another process's rendezvous)."""
-    port = free_port()
-    single = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    os.environ.update(single)
-    log.info("DeepSpeed without a launcher: one process (rank 0 of 1, rendezvous on port %d)", port)
+    even for one process, so this process becomes rank 0 of 1 as job.launch's single
+    worker does, its rendezvous on loopback (MASTER_ADDR/PORT from a pod's environment name
+    another process's rendezvous; `_environment` picks the port)."""
+    from job.launch import SINGLE_WORKER
+
+    os.environ.pop("MASTER_PORT", None)
+    os.environ.update(SINGLE_WORKER)
+    log.info("DeepSpeed without a launcher: one process (rank 0 of 1, rendezvous on loopback)")
 
 
 def load_universal(accelerator) -> None:

@@ -55,6 +55,21 @@ NO_DROPOUT = (
 COMPARABLE = (NO_CLIP, NO_DROPOUT, "train.max_steps=12")
 ZERO2 = "train.deepspeed=configs/deepspeed/zero2.json"
 
+# What torchrun prints when a worker exits but 0: never in a log that a worker's exit file
+# explains (exit 2 or 3, issue 18.4)
+TORCHRUN_REPORT = ("Traceback", "ChildFailedError", "FAILED", "failed (exitcode")
+
+
+def last_line(stderr: str) -> str:
+    return [line for line in stderr.splitlines() if line.strip()][-1]
+
+
+def assert_log_ends_with(stderr: str, line: str) -> None:
+    """The pod's log ends with `line` (why it stopped), torchrun's report left out."""
+    for report in TORCHRUN_REPORT:
+        assert report not in stderr, stderr[-3000:]
+    assert last_line(stderr) == line
+
 
 def config(src: Inputs, tmp_path: Path, data_dir, run=None, name="c.yaml") -> Path:
     run = run or tmp_path / "run"
