@@ -32,7 +32,7 @@ from support.data import REAL, REQUIRE_DATA, Inputs, data_missing, need_data
 from support.hub import serve_hub
 from support.once import shared_dir
 from support.s3 import S3Proxy, Weed, free_port, serve
-from support.training import COMPARABLE, TINY, ZERO2, config, launch
+from support.training import COMPARABLE, TINY, ZERO2, config, launch, train_here
 
 os.environ["MLMJOB_NO_PROGRESS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -132,10 +132,11 @@ def data_dir(tmp_path_factory, synthetic):
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, synthetic, data_dir):
     """An uninterrupted 1-process run of the tiny config, trained once for the session (read
-    only): what every resumed run must reproduce."""
+    only): what every resumed run must reproduce (each of those starts through the launcher:
+    this one needs no process of its own)."""
 
     def make(tmp: Path) -> None:
-        proc = launch(config(synthetic, tmp, data_dir))
+        proc = train_here(config(synthetic, tmp, data_dir))
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     return shared_dir(tmp_path_factory, "reference", make) / "run"

@@ -30,8 +30,11 @@ def build_accelerator(cfg: Config, universal: bool = False, tracking_dir=None):
 
     device = job_device.resolve(cfg.run.device)
     precision = precision_of(cfg, device)
-    _environment(device, bool(cfg.train.deepspeed))
-    return Accelerator(**accelerator_kwargs(cfg, device, precision, tracking_dir)), precision
+    # A bad DeepSpeed JSON is bad input before anything changes this process: its
+    # environment (rank 0 of a process group, see `_alone`) and DeepSpeed's import.
+    ds = deepspeed_config(cfg, precision) if cfg.train.deepspeed else None
+    _environment(device, ds is not None)
+    return Accelerator(**accelerator_kwargs(cfg, device, precision, tracking_dir, ds)), precision
 
 
 def _environment(device: str, deepspeed: bool) -> None:
@@ -82,8 +85,11 @@ def _no_deepspeed() -> bool:
     return False
 
 
-def accelerator_kwargs(cfg: Config, device: str, precision: str, tracking_dir=None) -> dict:
-    """Accelerator(**these) for `device` ("cuda" or "cpu", job.device's answer)."""
+def accelerator_kwargs(
+    cfg: Config, device: str, precision: str, tracking_dir=None, ds: dict | None = None
+) -> dict:
+    """Accelerator(**these) for `device` ("cuda" or "cpu", job.device's answer); `ds`: the
+    DeepSpeed settings (`deepspeed_config`), when already read."""
     from accelerate.utils import (
         DeepSpeedPlugin,
         DistributedDataParallelKwargs,
@@ -112,7 +118,7 @@ def accelerator_kwargs(cfg: Config, device: str, precision: str, tracking_dir=No
     if tracking_dir is not None:
         kwargs["project_config"] = ProjectConfiguration(str(tracking_dir), str(tracking_dir))
     if t.deepspeed:
-        ds = deepspeed_config(cfg, precision)
+        ds = ds or deepspeed_config(cfg, precision)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     return kwargs
 

@@ -5,8 +5,8 @@ its keys, a shard that fails its checksum twice, infer.top_k over the vocabulary
 numpy cannot take, wrongly typed config overrides; and plain `mlmjob train` with DeepSpeed
 runs as one process instead of failing on a missing process group.
 
-Every case runs the CLI in a fresh process, on a tiny dataset and a tiny trained model
-made once for the module (conftest's `synthetic` records and tokenizer).
+Every case runs the CLI as a user does (support.cli.mlmjob: in this process where a fresh
+one would add nothing), on a tiny dataset and a tiny trained model made once for the module (conftest's `synthetic` records and tokenizer).
 """
 
 import json
@@ -71,8 +71,16 @@ def tiny(tmp_path_factory, synthetic) -> Tiny:
     return Tiny(config=root / "c.yaml", data=root / "data", model=root / "run" / "model")
 
 
-def run(command: str, tiny: Tiny, tmp_path: Path, *sets: str, config: Path | None = None):
-    """`mlmjob COMMAND` on the module's config, with this test's own outputs and cache."""
+def run(
+    command: str,
+    tiny: Tiny,
+    tmp_path: Path,
+    *sets: str,
+    config: Path | None = None,
+    process: bool | None = None,
+):
+    """`mlmjob COMMAND` on the module's config, with this test's own outputs and cache
+    (`process`: as support.cli.mlmjob's)."""
     own = [
         f"run.output={tmp_path}/run",
         f"infer.output={tmp_path}/infer",
@@ -82,7 +90,7 @@ def run(command: str, tiny: Tiny, tmp_path: Path, *sets: str, config: Path | Non
     command = "validate" if command == "preflight" else command
     for s in (*own, *sets):
         args += ["--set", s]
-    return mlmjob(command, "-c", config or tiny.config, *args)
+    return mlmjob(command, "-c", config or tiny.config, *args, process=process)
 
 
 def refused(proc, line: str | re.Pattern) -> None:
@@ -229,7 +237,10 @@ def test_a_deepspeed_path_that_is_no_json_file_is_named(tiny, tmp_path, command,
     """Before: a folder gave IsADirectoryError, a JSON list a TypeError, Latin-1 a
     UnicodeDecodeError: tracebacks, in train and in preflight."""
     path, line = deepspeed_case(tmp_path, case)
-    refused(run(command, tiny, tmp_path, f"train.deepspeed={path}"), line)
+    # in this process: the JSON is read before DeepSpeed or a process group starts (one
+    # that did start here would fail the test as surely as an exit other than 2)
+    proc = run(command, tiny, tmp_path, f"train.deepspeed={path}", process=False)
+    refused(proc, line)
 
 
 # ---- 5: a manifest without its keys -----------------------------------------------------

@@ -14,7 +14,7 @@ import time
 import pytest
 from support.cli import wait_for
 from support.data import ROOT
-from support.training import assert_same_as, config, launch, launch_cmd
+from support.training import assert_same_as, config, launch_cmd, train_here
 
 from job import storage
 from job.errors import TransientStorageError
@@ -23,8 +23,9 @@ from job.train.upload import Upload
 
 RATE = 1.5e6  # bytes/s into the store
 # Three epochs of the tiny dataset (95 steps each), a checkpoint at each epoch's end: 95
-# steps (4 s on an idle machine, several times that on a busy one) to hide an upload behind.
-SETS = ("train.max_steps=285", "train.checkpoint_every_steps=95")
+# steps (4 s on an idle machine, several times that on a busy one) to hide an upload behind;
+# an evaluation at each too (not every 12 steps: 24 evaluations, 40% of each run's CPU).
+SETS = ("train.max_steps=285", "train.checkpoint_every_steps=95", "train.eval_every_steps=95")
 COMMITTED = re.compile(
     r"checkpoint (\S+/step-(\d+)) committed ([\d.]+) s after its save began "
     r"\(hash and upload ([\d.]+) s\); training waited ([\d.]+) s of it"
@@ -65,7 +66,9 @@ def preempted_while_uploading(cfg, run: str, proxy, log) -> int:
 def test_slow_upload_blocks_little_sigterm_commits_it_and_resume_matches(
     synthetic, tmp_path, data_dir, s3_proxy, s3_prefix
 ):
-    reference = launch(config(synthetic, tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *SETS)
+    reference = train_here(
+        config(synthetic, tmp_path, data_dir, tmp_path / "ref", "ref.yaml"), *SETS
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = f"{s3_prefix}/run"
     cfg = config(synthetic, tmp_path, data_dir, run=run)
@@ -82,7 +85,7 @@ def test_slow_upload_blocks_little_sigterm_commits_it_and_resume_matches(
     assert [s for s, _ in checkpoint.committed(run)] == [stopped, 190]  # keep_checkpoints 2
 
     s3_proxy.limit(0)
-    again = launch(cfg, *SETS, env=s3_proxy.env())
+    again = train_here(cfg, *SETS, env=s3_proxy.env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-{stopped}" in again.stderr
     assert sorted(commits(again.stderr)) == [285]

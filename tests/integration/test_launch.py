@@ -7,13 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from support.cli import mlmjob, wait_for
 from support.data import ROOT
 from support.once import shared_dir
 from support.s3 import free_port
-from support.training import assert_same_as, kill_all
+from support.training import COMPARABLE, assert_same_as, config, events, kill_all, launch_cmd
 
 from job import launch as launcher
 from job.launch import exit_code, torchrun_command
@@ -61,21 +59,14 @@ def demo_data(tmp_path_factory):
     return shared_dir(tmp_path_factory, "launch-demo-data", make) / "data"
 
 
-def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data):
-    sets = ["--set", f"data.output={demo_data}"]
+def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, synthetic, data_dir, ddp2):
+    """Two one-process pods of an Indexed Job train as one job, as one node of two processes
+    does (conftest's ddp2: the same config, through the launcher on one node)."""
+    cfg = config(synthetic, tmp_path, data_dir, run=tmp_path / "two-nodes")
     port = free_port()
     pods = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "job.launch",
-                "train",
-                *DEMO,
-                *sets,
-                "--set",
-                f"run.output={tmp_path}/two-nodes",
-            ],
+            launch_cmd(cfg, *COMPARABLE),
             cwd=ROOT,
             env=pod_env(i, tmp_path / f"node{i}", port),
             stdout=subprocess.PIPE,
@@ -86,31 +77,9 @@ def test_two_pods_train_as_one_job_like_two_local_processes(tmp_path, demo_data)
     ]
     logs = [p.communicate(timeout=600)[0] for p in pods]
     assert [p.returncode for p in pods] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    assert any("training demo: 2 processes" in log for log in logs)
-
-    local = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "job.launch",
-            "train",
-            *DEMO,
-            *sets,
-            "--set",
-            f"run.output={tmp_path}/one-node",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "MLMJOB_NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert local.returncode == 0, local.stderr[-2000:]
-    a = load_file(tmp_path / "two-nodes" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "one-node" / "model" / "model.safetensors")
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert (tmp_path / "two-nodes" / "metrics.jsonl").read_text().count('"event": "train"') == 12
+    assert any("training mlmjob: 2 processes" in log for log in logs)
+    assert len(events(tmp_path / "two-nodes")) == 12
+    assert_same_as(tmp_path / "two-nodes", ddp2)
 
 
 def test_torchrun_command_from_the_pod_environment():
@@ -224,14 +193,7 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(tmp_path, dem
     ]
     env = {**os.environ, "MLMJOB_NPROC_PER_NODE": "1"}
     cmd = [sys.executable, "-m", "job.launch", "train", *sets]
-    ref = subprocess.run(
-        [*cmd, "--set", f"run.output={tmp_path}/ref"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    ref = mlmjob("train", *sets, "--set", f"run.output={tmp_path}/ref")  # in this process
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "run"
     proc = subprocess.Popen(

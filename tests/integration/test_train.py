@@ -22,6 +22,7 @@ from support.training import (
     launch_cmd,
     preempt,
     start,
+    train_here,
 )
 
 from job import storage
@@ -125,7 +126,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(
         err, f"mlmjob: preempted at step {step}: checkpoint committed ({uri}); exit 3"
     )
     assert f"preempted at step {step}: checkpoint committed ({uri}), exiting 3" in err  # the log
-    again = launch(cfg)
+    again = train_here(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-{step}" in again.stderr
     assert_same_as(run, reference)
@@ -147,7 +148,7 @@ def test_sigkill_after_checkpoint_then_resume_or_fall_back_from_a_damaged_one(
     damaged_run = tmp_path / "damaged" / "run"
     shutil.copytree(run, damaged_run)
 
-    again = launch(cfg)
+    again = train_here(cfg)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
     assert_same_as(run, reference)
@@ -159,7 +160,7 @@ def test_sigkill_after_checkpoint_then_resume_or_fall_back_from_a_damaged_one(
     data = bytearray(damaged.read_bytes())
     data[-100:] = bytes(100)  # same size: only the checksum can tell
     damaged.write_bytes(bytes(data))
-    again = launch(config(synthetic, tmp_path / "damaged", data_dir))
+    again = train_here(config(synthetic, tmp_path / "damaged", data_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert (
         f"checkpoint {damaged_run}/checkpoints/step-12 is damaged (model.safetensors: checksum "
@@ -180,7 +181,7 @@ def test_two_processes_resumed_with_one_continue_at_the_same_sample(synthetic, t
             (stale / "COMMITTED.json").unlink(missing_ok=True)
     state = json.loads((run / "checkpoints" / "step-6" / "train_state.json").read_text())
     assert state["sample"] == 6 * 8  # global batch of 2 processes x 4
-    again = launch(cfg, "train.max_steps=10", nproc=1)
+    again = train_here(cfg, "train.max_steps=10")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (
         "process count changed from 2 to 1: continuing at global sample 48 of epoch 0"
@@ -221,7 +222,7 @@ def test_checkpoints_and_outputs_through_s3(synthetic, tmp_path, data_dir, s3_pr
     proc = start(cfg, f"data.output={s3_prefix}/data", "train.max_steps=12")
     wait_for(lambda: storage.exists(f"{s3_prefix}/run/checkpoints/step-6/COMMITTED.json"))
     kill_all(proc)
-    again = launch(cfg, f"data.output={s3_prefix}/data", "train.max_steps=12")
+    again = train_here(cfg, f"data.output={s3_prefix}/data", "train.max_steps=12")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {s3_prefix}/run/checkpoints/step-6" in again.stderr
     summary = json.loads(storage.read_text(f"{s3_prefix}/run/summary.json"))
@@ -367,7 +368,7 @@ def test_zero3_decays_what_ddp_decays_and_trains_the_same(
         ddp_err = (ddp_run.parent / "stderr.txt").read_text()
     else:
         ddp_run = tmp_path / "ddp"
-        ddp = launch(config(synthetic, tmp_path, data_dir, ddp_run, "ddp.yaml"), *COMPARABLE)
+        ddp = train_here(config(synthetic, tmp_path, data_dir, ddp_run, "ddp.yaml"), *COMPARABLE)
         assert ddp.returncode == 0, ddp.stderr[-3000:]
         ddp_err = ddp.stderr
     z3 = launch(
@@ -417,7 +418,7 @@ def test_sigterm_on_two_processes_resumed_on_one_ends_after_the_configured_epoch
     assert_log_ends_with(
         err, f"mlmjob: preempted at step {stopped}: checkpoint committed ({uri}); exit 3"
     )
-    again = launch(cfg, *sets, nproc=1)
+    again = train_here(cfg, *sets)
     assert again.returncode == 0, again.stderr[-3000:]
     epoch_samples = blocks(data_dir) // 8 * 8  # drop_last with the run's first batch, 2 x 4
     summary = json.loads((run / "summary.json").read_text())

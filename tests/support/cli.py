@@ -31,18 +31,20 @@ def mlmjob(
     env: dict | None = None,
     check: bool = False,
     timeout: float = 600,
-    process: bool = False,
+    process: bool | None = None,
 ):
     """Run the CLI as a user or a pod would: its exit status, stdout and stderr. In a fresh
-    process when `process` is set or the command needs one (see IN_PROCESS), else in this
-    one (the same `job.cli.main`, its output captured)."""
+    process when `process` is True or the command needs one (see IN_PROCESS), else in this
+    one (the same `job.cli.main`, its output captured). `process=False`: in this one even
+    with DeepSpeed named, for a command that must exit 2 before DeepSpeed starts (its
+    JSON is read before anything changes the process)."""
     args = [str(a) for a in args]
     env = env or {}
     here = (
-        not process
+        process is not True
         and args[0] in IN_PROCESS
         and all(k.startswith(_CALL_TIME_ENV) for k in env)
-        and not _names_deepspeed(args)
+        and (process is False or not _names_deepspeed(args))
     )
     if here:
         proc = _in_process(args, env)
@@ -80,7 +82,7 @@ def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     saved_log = (log.handlers[:], log.level, log.propagate)  # cli.main sets them up
-    saved_env = {k: os.environ.get(k) for k in env}
+    saved_env = dict(os.environ)  # all of it: a command may set more than `env`
     saved_streams, cwd = (sys.stdout, sys.stderr), os.getcwd()
     saved_sigterm = signal.getsignal(signal.SIGTERM)
     os.environ.update(env)
@@ -100,11 +102,8 @@ def _in_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
         if args[0] in ("train", "evaluate"):  # each makes an Accelerator
             _forget_training()
         os.chdir(cwd)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved_env)
         with contextlib.suppress(Exception):
             storage.configure()  # back to the session's environment
     return subprocess.CompletedProcess(["mlmjob", *args], code, out.getvalue(), err.getvalue())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.cli import wait_for, write_config
+from support.cli import mlmjob, wait_for, write_config
 from support.data import ROOT, Inputs
 
 TINY = """
@@ -32,6 +32,9 @@ model:
 train:
   max_steps: 24
   per_device_batch_size: 4
+  # the test split's 94 blocks in 3 batches, not 24: on a CPU a batch costs about the same
+  # at 4 or 32 rows, so each evaluation cost as much as 8 training steps
+  eval_batch_size: 32
   learning_rate: 1.0e-3
   warmup_steps: 4
   eval_every_steps: 12
@@ -91,6 +94,13 @@ def launch(cfg, *sets, nproc=1, env=None, timeout=600):
         launch_cmd(cfg, *sets), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     return proc
+
+
+def train_here(cfg, *sets, env=None):
+    """`mlmjob train` on one process as `launch` runs it, in this process where it needs
+    no fresh one (support.cli.mlmjob; DeepSpeed: a process of its own): for the runs whose
+    process and launcher are not what a test is about (a reference, a resume)."""
+    return mlmjob("train", "-c", cfg, *(x for s in sets for x in ("--set", s)), env=env)
 
 
 def start(cfg, *sets, nproc=1):
