@@ -59,22 +59,26 @@ def test_evaluate_reproduces_the_runs_final_perplexity(synthetic, tmp_path, data
     assert result["eval_tokens"] == events(reference, "eval")[-1]["eval_tokens"]
     assert result["dataset_id"] == summary["dataset_id"] and result["world_size"] == 1
 
-    two = evaluate(cfg, nproc=2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    result2 = json.loads(out.read_text())
-    assert result2["world_size"] == 2 and result2["eval_tokens"] == result["eval_tokens"]
-    # Other batches per process: only the summation order of float64 sums differs.
-    assert result2["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-6)
 
-
-def test_two_process_run_evaluated_on_two_processes_exactly(synthetic, tmp_path, data_dir, ddp2):
+def test_two_process_run_evaluated_on_two_processes_exactly_and_on_one_closely(
+    synthetic, tmp_path, data_dir, ddp2
+):
     run = ddp2  # conftest's 2-process run
-    proc = evaluate(config(synthetic, tmp_path, data_dir, run=run), *COMPARABLE, nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((run / "eval" / f"{result_name(str(run / 'model'))}.json").read_text())
+    cfg = config(synthetic, tmp_path, data_dir, run=run)
+    out = run / "eval" / f"{result_name(str(run / 'model'))}.json"
     summary = json.loads((run / "summary.json").read_text())
+    proc = evaluate(cfg, *COMPARABLE, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
     assert result["world_size"] == summary["world_size"] == 2
-    assert result["perplexity"] == summary["perplexity"]
+    assert result["perplexity"] == summary["perplexity"]  # the run's batches: exactly
+
+    one = evaluate(cfg, *COMPARABLE)
+    assert one.returncode == 0, one.stderr[-3000:]
+    result1 = json.loads(out.read_text())
+    assert result1["world_size"] == 1 and result1["eval_tokens"] == result["eval_tokens"]
+    # Other batches per process: only the summation order of float64 sums differs.
+    assert result1["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-6)
 
 
 def test_evaluate_another_model_writes_its_own_result(synthetic, tmp_path, data_dir, reference):

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from support.cli import wait_for, write_config
+from support.cli import mlmjob, wait_for, write_config
 from support.data import ROOT
 from support.s3 import S3Proxy, Weed, serve
 
@@ -86,25 +86,32 @@ def config(tmp_path, synthetic, inputs, prefix: str, name="c.yaml"):
 
 
 def run_all(cfg, endpoint: str, during=None) -> dict[str, subprocess.CompletedProcess]:
-    """preprocess, train and infer in turn against `endpoint`; `during(command, proc)` is
-    called while each runs."""
+    """preprocess, train and infer in turn against `endpoint`. With `during(command, proc)`
+    (called while each runs: an outage), each command is a process of its own; without,
+    each runs as support.cli.mlmjob runs it (in this process: retries are the same code)."""
     env = {"AWS_ENDPOINT_URL": endpoint, "MLMJOB_CACHE": str(cfg.parent / "cache")}
     out = {}
     for command in ("preprocess", "train", "infer"):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "job", command, "-c", str(cfg)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
         if during:
-            during(command, proc)
-        stdout, stderr = proc.communicate(timeout=900)
-        out[command] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-        assert proc.returncode == 0, f"{command}: {stderr[-3000:]}"
+            out[command] = run_during(command, cfg, env, during)
+        else:
+            out[command] = mlmjob(command, "-c", cfg, env=env)
+        assert out[command].returncode == 0, f"{command}: {out[command].stderr[-3000:]}"
     return out
+
+
+def run_during(command: str, cfg, env: dict, during) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", command, "-c", str(cfg)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    during(command, proc)
+    stdout, stderr = proc.communicate(timeout=900)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def outputs(weed, prefix: str) -> dict:
