@@ -230,9 +230,9 @@ def test_argo_pipeline_full_eli5_8_preprocess_pods_2_train_pods_and_pod_0_lost(
     goes on to inference. (One walk, where two once ran the same pipeline up to training.)"""
     from job import storage
 
-    # 175 steps left after the step-25 checkpoint (seconds on 2 pods, polled every 50 ms):
-    # the kill comes well before the end
-    steps = 200
+    # 75 steps left after the step-25 checkpoint (seconds on 2 pods; the checkpoint is
+    # polled every 50 ms): the kill comes well before the end
+    steps = 100
     ws, cluster = workspace(
         tmp_path, s3, s3_prefix, "full-eli5", CPU_SCALE, steps=steps, checkpoint_every=25
     )
