@@ -42,3 +42,25 @@ def test_a_cpu_deepspeed_run_does_not_build_the_shared_memory_all_reduce(monkeyp
     monkeypatch.setitem(ops, "deepspeed_shm_comm", ops["deepspeed_shm_comm"])
     accel._environment("cpu", deepspeed=True)
     assert build_shm_op() is None
+
+
+@pytest.mark.unit
+def test_a_bad_deepspeed_json_is_refused_before_the_process_changes(tmp_path, monkeypatch):
+    """The JSON is read first: a bad one exits 2 before this process is made rank 0 of a
+    process group (accel._alone) or told to use DeepSpeed."""
+    from job.config import load_config
+    from job.errors import BadInput
+    from job.train import accel
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "c.yaml").write_text(
+        f"run: {{output: '{tmp_path}/run', device: cpu}}\n"
+        f"data: {{sources: ['{tmp_path}/in.jsonl'], output: '{tmp_path}/data'}}\n"
+        f"train: {{deepspeed: '{tmp_path}'}}\n"
+    )
+    cfg = load_config(tmp_path / "c.yaml")
+    before = dict(accel.os.environ)
+    with pytest.raises(BadInput, match="is a folder, not a JSON file"):
+        accel.build_accelerator(cfg)
+    assert dict(accel.os.environ) == before
