@@ -6,7 +6,8 @@ numpy cannot take, wrongly typed config overrides; and plain `mlmjob train` with
 runs as one process instead of failing on a missing process group.
 
 Every case runs the CLI as a user does (support.cli.mlmjob: in this process where a fresh
-one would add nothing), on a tiny dataset and a tiny trained model made once for the module (conftest's `synthetic` records and tokenizer).
+one would add nothing), on a tiny dataset and a tiny trained model made once for the module
+(conftest's `synthetic` records and tokenizer).
 """
 
 import json

@@ -23,6 +23,7 @@ import torch
 from support.cli import mlmjob, write_config
 from support.data import ROOT
 from support.once import shared_dir
+from support.training import train_here
 
 from job.train import safe_load
 
@@ -170,8 +171,7 @@ def trained(tmp_path_factory, data_dir, name: str, *sets) -> Path:
     """A finished 2-step run with its step-2 checkpoint, never to be modified."""
 
     def make(tmp: Path) -> None:  # honest runs: in this process unless DeepSpeed's
-        args = [a for s in sets for a in ("--set", s)]
-        proc = mlmjob("train", "-c", config(tmp, data_dir, tmp / "run"), *args)
+        proc = train_here(config(tmp, data_dir, tmp / "run"), *sets)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     return shared_dir(tmp_path_factory, name, make) / "run"

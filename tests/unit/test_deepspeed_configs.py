@@ -49,12 +49,20 @@ def test_a_cpu_deepspeed_run_does_not_build_the_shared_memory_all_reduce(monkeyp
 def test_a_bad_deepspeed_json_is_refused_before_the_process_changes(tmp_path, monkeypatch):
     """The JSON is read first: a bad one exits 2 before this process is made rank 0 of a
     process group (accel._alone) or told to use DeepSpeed."""
+    from accelerate.utils import other
+
     from job.config import load_config
     from job.errors import BadInput
+    from job.launch import SINGLE_WORKER
     from job.train import accel
 
-    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.delenv(name, raising=False)
+    # Absent, and put back as they were even should the test fail (set, then deleted, so
+    # that monkeypatch undoes what the wrong order would set): what the old order set.
+    accelerate = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_TORCH_DEVICE", "DS_ACCELERATOR")
+    for name in (*SINGLE_WORKER, "MASTER_PORT", *accelerate):
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(other, "is_deepspeed_available", other.is_deepspeed_available)
     (tmp_path / "c.yaml").write_text(
         f"run: {{output: '{tmp_path}/run', device: cpu}}\n"
         f"data: {{sources: ['{tmp_path}/in.jsonl'], output: '{tmp_path}/data'}}\n"
