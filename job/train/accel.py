@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -46,8 +47,10 @@ def _environment(device: str, deepspeed: bool) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
         if deepspeed:  # accelerate(cpu=True) skips DeepSpeed: the device is named instead
             os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-            _no_shm_comm()
     if deepspeed:
+        _import_deepspeed()  # after DS_ACCELERATOR: DeepSpeed picks its accelerator then
+        if device == "cpu":
+            _no_shm_comm()
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             _alone()
@@ -57,6 +60,21 @@ def _environment(device: str, deepspeed: bool) -> None:
         # downloads before, a connection of this process could have taken it)
         os.environ["MASTER_PORT"] = str(free_port())
     _deepspeed_visible(deepspeed)
+
+
+def _import_deepspeed() -> None:
+    """DeepSpeed, imported without mlflow. Its autotuner (`deepspeed --autotuning`, which
+    this job never runs) imports mlflow whenever it is installed, only to log its trials:
+    mlflow brings pandas, scipy and fastapi, about 3 s of every DeepSpeed process's
+    start-up. A `None` in sys.modules makes that one import fail, as Python documents;
+    removed right after, so that train.report_to's mlflow imports as ever."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return
+    sys.modules["mlflow"] = None  # type: ignore[assignment]
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del sys.modules["mlflow"]
 
 
 def _no_shm_comm() -> None:

@@ -96,7 +96,7 @@ def test_the_gpu_stages_run_with_run_device_cuda(overlay):
 # ---- two real processes -------------------------------------------------------------------
 
 PROBE = """
-import json, sys
+import importlib.util, json, sys
 import torch
 from torch.distributed.distributed_c10d import _get_default_group
 from job.config import Config
@@ -112,6 +112,10 @@ seen = {
 }
 if not cfg.train.deepspeed:
     seen["broadcast_buffers"] = acc.prepare_model(torch.nn.Linear(2, 2)).broadcast_buffers
+# DeepSpeed only where named, mlflow (which DeepSpeed's autotuner imports) not at all, and
+# still importable (no None left in sys.modules)
+seen["imported"] = sorted({"deepspeed", "mlflow"} & set(sys.modules))
+seen["mlflow_importable"] = importlib.util.find_spec("mlflow") is not None
 # one write of the whole line (a pipe takes it whole): print() writes the line and its end
 # apart, and the two workers' lines interleaved
 sys.stdout.write("PROBE " + json.dumps(seen) + "\\n")
@@ -138,7 +142,8 @@ def test_two_gloo_processes_get_the_collective_timeout(deepspeed, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [json.loads(ln[6:]) for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
-    want = {"world": 2, "backend": "gloo", "timeout": 77.0}
+    want = {"world": 2, "backend": "gloo", "timeout": 77.0, "mlflow_importable": True}
+    want["imported"] = ["deepspeed"] if deepspeed else []
     if not deepspeed:
         want["broadcast_buffers"] = False
     assert seen == [want, want]

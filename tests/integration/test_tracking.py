@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from support.s3 import free_port
-from support.training import config, events, launch, preempt
+from support.training import config, events, launch, preempt, train_here
 
 from job.config import load_config
 from job.train.tracking import flat_params
@@ -68,7 +68,7 @@ def test_tensorboard_event_files_go_to_s3(synthetic, tmp_path, data_dir, s3_pref
 
     out = f"{s3_prefix}/run"
     cfg = config(synthetic, tmp_path, data_dir, run=out)
-    proc = launch(cfg, "train.report_to=[tensorboard]", "train.max_steps=6", "run.name=tb-s3")
+    proc = train_here(cfg, "train.report_to=[tensorboard]", "train.max_steps=6", "run.name=tb-s3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = storage.list_files(f"{out}/tensorboard/tb-s3")
     assert any("events.out.tfevents" in f for f in files), files

@@ -325,11 +325,10 @@ def only_step_6(run: Path) -> None:
 def test_gradient_accumulation_equals_data_parallel(synthetic, tmp_path, data_dir, ddp2):
     """1 process x 2 micro-batches of 4 = 2 processes x 4 (the `ddp2` fixture): same
     samples, same averaged gradient (dropout off: COMPARABLE)."""
-    accum = launch(
+    accum = train_here(
         config(synthetic, tmp_path, data_dir, tmp_path / "accum", "a.yaml"),
         *COMPARABLE,
         "train.gradient_accumulation_steps=2",
-        nproc=1,
     )
     assert accum.returncode == 0, accum.stderr[-3000:]
     assert [e["samples"] for e in events(tmp_path / "accum")] == [8 * k for k in range(1, 13)]

@@ -8,3 +8,8 @@ import os
 # cores; with a thread per core each, OpenMP's spinning threads fight over them and the
 # tiny models the tests train gain nothing from a second thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# No test reaches the Hugging Face Hub (tests talk to loopback only): set before
+# huggingface_hub, datasets and transformers read it at import, for this process and every
+# process it starts. The push tests' stand-in Hub turns it off (support.hub.hub_env).
+os.environ["HF_HUB_OFFLINE"] = "1"

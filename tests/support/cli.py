@@ -22,7 +22,8 @@ IN_PROCESS = ("validate", "preprocess", "infer", "train", "evaluate")
 
 
 # Environment read at call time (storage's client is made anew by each command's
-# `storage.configure`); anything else (HF_HUB_OFFLINE, read at import) needs a process.
+# `storage.configure`); anything else (HF_HUB_OFFLINE, read at import) needs a process,
+# unless this process already has that value.
 _CALL_TIME_ENV = ("MLMJOB_", "AWS_")
 
 
@@ -43,7 +44,7 @@ def mlmjob(
     here = (
         process is not True
         and args[0] in IN_PROCESS
-        and all(k.startswith(_CALL_TIME_ENV) for k in env)
+        and all(k.startswith(_CALL_TIME_ENV) or os.environ.get(k) == v for k, v in env.items())
         and (process is False or not _names_deepspeed(args))
     )
     if here:

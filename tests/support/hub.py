@@ -93,4 +93,5 @@ def hub_env(hub) -> dict:
         "HF_ENDPOINT": hub["url"],
         "HF_TOKEN": "hf_test_token_not_real",
         "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",  # the session's default is offline (support/__init__.py)
     }
