@@ -205,14 +205,7 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(tmp_path, dem
     )
     wait_for(lambda: (run / "checkpoints" / "step-7" / "COMMITTED.json").exists())
     kill_all(proc)
-    again = subprocess.run(
-        [*cmd, "--set", f"run.output={run}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = mlmjob("train", *sets, "--set", f"run.output={run}")  # the resume: here too
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stderr
     assert_same_as(run, tmp_path / "ref")

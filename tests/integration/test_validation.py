@@ -316,14 +316,8 @@ def sigterm_when(proc: subprocess.Popen, text: str) -> str:
 
 
 def resubmit_completes(cfg: Path, run: Path, *sets: str) -> None:
-    proc = subprocess.run(
-        launch_cmd(cfg, *sets),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MLMJOB_NPROC_PER_NODE": "1"},
-        timeout=600,
-    )
+    """The resubmission, in this process (what it starts from is the test, not its launch)."""
+    proc = train(cfg, *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" not in proc.stderr  # nothing was checkpointed: it starts over
     assert strict((run / "summary.json").read_text())["global_step"] == 4
