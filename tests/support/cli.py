@@ -22,9 +22,9 @@ IN_PROCESS = ("validate", "preprocess", "infer", "train", "evaluate")
 
 
 # Environment read at call time (storage's client is made anew by each command's
-# `storage.configure`); anything else (HF_HUB_OFFLINE, read at import) needs a process,
-# unless this process already has that value.
-_CALL_TIME_ENV = ("MLMJOB_", "AWS_")
+# `storage.configure`; job.env reads Kubernetes' pod index when asked); anything else
+# (HF_HUB_OFFLINE, read at import) needs a process, unless this process has that value.
+_CALL_TIME_ENV = ("MLMJOB_", "AWS_", "JOB_COMPLETION_INDEX")
 
 
 def mlmjob(
