@@ -205,7 +205,7 @@ def test_resume_from_an_epoch_end_checkpoint_matches_uninterrupted(tmp_path, dem
     )
     wait_for(lambda: (run / "checkpoints" / "step-7" / "COMMITTED.json").exists())
     kill_all(proc)
-    again = mlmjob("train", *sets, "--set", f"run.output={run}")  # the resume: here too
+    again = mlmjob("train", *sets, "--set", f"run.output={run}")  # in this process too
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stderr
     assert_same_as(run, tmp_path / "ref")
