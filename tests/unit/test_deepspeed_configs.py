@@ -17,7 +17,10 @@ def test_bf16_gradients_accumulate_and_travel_in_fp32(path):
     accumulated and reduce-scattered in bf16 unless these say otherwise (DDP's autocast
     keeps fp32 gradients and an fp32 all-reduce)."""
     # here, not at the top: collecting the suite (each xdist worker, `pytest -m unit`)
-    # would import DeepSpeed, and mlflow with it (seconds)
+    # would import DeepSpeed; and as the job imports it, without mlflow (seconds)
+    from job.train import accel
+
+    accel._import_deepspeed()
     from deepspeed.runtime import config as ds_config
     from deepspeed.runtime.constants import DATA_TYPES, GRAD_ACCUM_DTYPE
 
