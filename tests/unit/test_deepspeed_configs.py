@@ -34,11 +34,13 @@ def test_bf16_gradients_accumulate_and_travel_in_fp32(path):
 def test_a_cpu_deepspeed_run_does_not_build_the_shared_memory_all_reduce(monkeypatch):
     """DeepSpeed compiles its CPU shared-memory all-reduce (C++) when its comm starts: a
     minute of a fresh machine's first run, for an op only DeepSpeed inference uses."""
-    import deepspeed.ops
     from accelerate.utils import other
-    from deepspeed.comm.torch import build_shm_op
 
     from job.train import accel
+
+    accel._import_deepspeed()  # as the job imports it (without mlflow), whichever test is first
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
 
     for name in ("DS_ACCELERATOR", "ACCELERATE_TORCH_DEVICE", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)  # put back as they were afterwards
