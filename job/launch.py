@@ -373,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+    # Before the config check: it loads the config and may import torch to count GPUs
+    # (a second or two). A SIGTERM meanwhile waits in the forwarder for the worker, which
+    # then exits 3 as after any preemption, instead of killing this launcher (143).
+    forward = _Forwarder()
+    signal.signal(signal.SIGTERM, forward.on_sigterm)
     try:
         device = check_device(args, dict(os.environ))
     except BadInput as e:  # before any worker starts: the pod's log is this one line
@@ -385,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         single = single_worker(env, device)
         if single:
             env = single_worker_env(env)
-        forward = _Forwarder()
         forward.single = single
-        signal.signal(signal.SIGTERM, forward.on_sigterm)
         # Children start with SIGTERM blocked: one that arrives before a worker has its
         # handler (importing torch takes seconds) waits, pending, until job.cli unblocks it
         # with the handler in place; torchrun's agent keeps it blocked (this launcher, not

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from support.cli import mlmjob, write_config
 from support.data import ROOT
@@ -388,11 +389,24 @@ def test_sigterm_while_waiting_for_the_dataset_exits_3_at_once(synthetic, tmp_pa
     assert "Traceback" not in err
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler: Linux's SigCgt mask in /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
 @pytest.mark.slow
-def test_sigterm_one_second_after_launch_exits_3(synthetic, tmp_path, data_dir):
+def test_sigterm_before_the_launcher_starts_a_worker_exits_3(synthetic, tmp_path, data_dir):
+    """The kubelet's SIGTERM in a pod's first moments: as soon as the launcher handles it,
+    while it still loads the config (a sleep of a second, instead, was sometimes too early
+    for a launcher starting on a busy machine, and it died of the signal: -15)."""
     cfg = config(synthetic, tmp_path, data_dir)
     proc = start(cfg, "train.max_steps=4")
-    time.sleep(1)
+    while not catches_sigterm(proc.pid):
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
+    assert not psutil.Process(proc.pid).children()  # no worker yet when the signal came
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
