@@ -405,6 +405,7 @@ def test_sigterm_before_the_launcher_starts_a_worker_exits_3(synthetic, tmp_path
     cfg = config(synthetic, tmp_path, data_dir)
     proc = start(cfg, "train.max_steps=4")
     while not catches_sigterm(proc.pid):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]  # it exited before: say why
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     assert not psutil.Process(proc.pid).children()  # no worker yet when the signal came
